@@ -1,0 +1,281 @@
+"""The SAM family (SAM, LSAM, ASAM) as optax gradient transformations.
+
+A SAM step replaces the gradient at ``theta`` with the gradient at the *phantom
+parameter* (Springer et al., 2024)::
+
+    g       = grad L_B(theta)
+    e       = rho * g / (||g|| + eps)                       # SAM (Foret et al., 2021)
+    e       = rho * T^2 g / (||T g|| + eps),  T = |theta| + eta   # ASAM (Kwon et al., 2021)
+    theta~  = theta + e                                     # the phantom parameter
+    output  = grad L_B(theta~)
+
+With a ``mask`` only the selected leaves are perturbed and the norm is taken over
+them alone; every leaf still receives the phantom gradient. LSAM (the paper's
+last-layer SAM) is the mask that selects the classifier head.
+
+The transformation takes the gradient at ``theta`` as its input ``updates`` and
+needs ``grad_fn(params) -> grads`` as an extra argument to evaluate the phantom
+gradient, so it composes with any optax chain::
+
+    tx = optax.chain(samjax.sam(0.05), optax.sgd(0.1, momentum=0.9))
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+
+Place it first in the chain: what precedes it shapes only the ascent direction,
+what follows it sees the phantom gradient.
+
+References:
+  Foret et al., Sharpness-Aware Minimization for Efficiently Improving
+  Generalization, ICLR 2021. https://arxiv.org/abs/2010.01412
+  Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+  Learning of Deep Neural Networks, ICML 2021. https://arxiv.org/abs/2102.11600
+  Springer, Nagarajan, Raghunathan, Sharpness-Aware Minimization Enhances
+  Feature Quality via Balanced Learning, ICLR 2024. https://arxiv.org/abs/2405.20439
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
+MaskOrFn = Optional[Union[PyTree, Callable[[PyTree], PyTree]]]
+
+
+class SamState(NamedTuple):
+  """State of :func:`sam`: a step counter and the last step's statistics.
+
+  Attributes:
+    count: number of updates applied so far (drives a ``rho`` schedule).
+    grad_norm: ``||g||`` of the clean gradient at ``theta`` (over all leaves).
+    perturbation_norm: ``||theta~ - theta||``.
+    cosine: cosine similarity between the clean and the phantom gradient.
+  """
+
+  count: jax.Array
+  grad_norm: jax.Array
+  perturbation_norm: jax.Array
+  cosine: jax.Array
+
+
+def _global_norm(tree: PyTree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+  products = jax.tree.leaves(
+      jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b))
+  return sum(products) if products else jnp.zeros((), jnp.float32)
+
+
+def cosine_similarity(a: PyTree, b: PyTree, eps: float = 1e-12) -> jax.Array:
+  """Cosine between two pytrees seen as flat vectors; 0 when either is zero."""
+  return _vdot(a, b) / (_global_norm(a) * _global_norm(b) + eps)
+
+
+def resolve_mask(mask: MaskOrFn, params: PyTree) -> PyTree:
+  """Expands ``mask`` (a bool pytree, a prefix of one, or a callable) to params' structure.
+
+  Raises:
+    ValueError: when the mask's structure does not match (is no prefix of) ``params``.
+  """
+  if mask is None:
+    return jax.tree.map(lambda _: True, params)
+  if callable(mask):
+    mask = mask(params)
+  try:
+    return jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), mask, params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        'sam: the mask does not match the structure of params. Pass a pytree of '
+        'bools with the same structure as params (or a prefix of it), or a '
+        f'callable params -> such a pytree. Mask structure: '
+        f'{jax.tree.structure(mask)}; params structure: {jax.tree.structure(params)}.'
+    ) from e
+
+
+def _is_static_bool(m) -> bool:
+  return isinstance(m, (bool, np.bool_))
+
+
+def phantom_params(
+    params: PyTree,
+    grads: PyTree,
+    rho: Union[float, jax.Array],
+    *,
+    adaptive: bool = False,
+    adaptive_eta: float = 0.01,
+    eps: float = 1e-12,
+    mask: MaskOrFn = None,
+) -> tuple[PyTree, PyTree]:
+  """The SAM phantom parameter ``theta~ = theta + e`` and the perturbation ``e``.
+
+  SAM: ``e = rho g / (||g|| + eps)``. ASAM: ``e = rho T^2 g / (||T g|| + eps)``
+  with ``T = |theta| + adaptive_eta``. Norms run over the masked leaves only;
+  unmasked leaves of ``theta~`` are the very arrays of ``params`` (not ``p + 0``),
+  so XLA can drop work that depends on them alone.
+
+  Returns:
+    ``(phantom, perturbation)``; unmasked leaves of ``perturbation`` are zeros.
+  """
+  mask_tree = resolve_mask(mask, params)
+  leaf_mask = jax.tree.leaves(mask_tree)
+  p_leaves, treedef = jax.tree.flatten(params)
+  g_leaves = treedef.flatten_up_to(grads)
+
+  def masked(x, m):
+    if _is_static_bool(m):
+      return x if m else None
+    return jnp.where(m, x, jnp.zeros_like(x))
+
+  if adaptive:
+    scales = [jnp.abs(p) + adaptive_eta for p in p_leaves]
+    scaled_g = [masked(t * g, m) for t, g, m in zip(scales, g_leaves, leaf_mask)]
+    directions = [masked(t * t * g, m) for t, g, m in zip(scales, g_leaves, leaf_mask)]
+  else:
+    scaled_g = [masked(g, m) for g, m in zip(g_leaves, leaf_mask)]
+    directions = scaled_g
+  norm = _global_norm([x for x in scaled_g if x is not None])
+  scale = rho / (norm + eps)
+
+  phantom, perturbation = [], []
+  for p, d, m in zip(p_leaves, directions, leaf_mask):
+    if d is None:
+      phantom.append(p)
+      perturbation.append(jnp.zeros_like(p))
+    else:
+      e = (scale * d).astype(p.dtype)
+      phantom.append(p + e if _is_static_bool(m) else jnp.where(m, p + e, p))
+      perturbation.append(e)
+  return treedef.unflatten(phantom), treedef.unflatten(perturbation)
+
+
+def _check_rho(rho: ScalarOrSchedule) -> None:
+  if callable(rho):
+    return
+  if isinstance(rho, bool) or not isinstance(rho, (numbers.Real, np.ndarray, jax.Array)):
+    raise ValueError(f'sam: rho must be a non-negative float or an optax schedule, got {rho!r}.')
+  if not isinstance(rho, jax.core.Tracer) and np.ndim(rho) == 0:
+    value = float(rho)
+    if not np.isfinite(value) or value < 0:
+      raise ValueError(f'sam: rho must be a finite number >= 0, got {value}.')
+
+
+def sam(
+    rho: ScalarOrSchedule,
+    *,
+    adaptive: bool = False,
+    adaptive_eta: float = 0.01,
+    eps: float = 1e-12,
+    mask: MaskOrFn = None,
+    axis_name: Optional[str] = None,
+    sync_perturbation: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """Sharpness-Aware Minimization: replaces ``g`` with the gradient at the phantom.
+
+  Args:
+    rho: perturbation radius, a float ``>= 0`` or an optax schedule of the step.
+    adaptive: ASAM (Kwon et al., 2021): ``e = rho T^2 g / ||T g||``,
+      ``T = |theta| + adaptive_eta``.
+    adaptive_eta: ASAM's ``eta``.
+    eps: added to the norm, so a zero gradient gives a zero perturbation.
+    mask: which leaves to perturb: a pytree of bools matching params (or a
+      prefix of it) or a callable ``params -> mask``. Norms run over these
+      leaves only; every leaf receives the phantom gradient.
+    axis_name: the mapped axis when used inside ``pmap``/``shard_map``; the
+      incoming gradient is then per-device and the output is always averaged
+      over the axis.
+    sync_perturbation: with ``axis_name``, ``True`` averages the gradient over
+      the axis before forming the perturbation (one phantom for the global
+      batch); ``False`` perturbs each device with its own gradient (Foret et
+      al.'s m-sharpness, ``m`` = per-device batch).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
+    params, *, grad_fn)`` needs ``grad_fn(params) -> grads`` (per-device under
+    ``axis_name``).
+  """
+  _check_rho(rho)
+  if not isinstance(adaptive_eta, numbers.Real) or adaptive_eta < 0:
+    raise ValueError(f'sam: adaptive_eta must be >= 0, got {adaptive_eta!r}.')
+  if not isinstance(eps, numbers.Real) or eps <= 0:
+    raise ValueError(f'sam: eps must be > 0, got {eps!r}.')
+  if mask is not None and not callable(mask):
+    for leaf in jax.tree.leaves(mask):
+      if not isinstance(leaf, (bool, np.bool_, np.ndarray, jax.Array)):
+        raise ValueError(f'sam: mask leaves must be bools, got {type(leaf).__name__}.')
+
+  def init_fn(params: PyTree) -> SamState:
+    if mask is not None:
+      resolve_mask(mask, params)  # fail at init, not at the first step
+    zero = jnp.zeros((), jnp.float32)
+    return SamState(count=jnp.zeros((), jnp.int32), grad_norm=zero,
+                    perturbation_norm=zero, cosine=zero)
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError('sam: update() needs params (the point where the gradient was taken).')
+    if grad_fn is None:
+      raise ValueError(
+          'sam: update() needs grad_fn, a function params -> grads, e.g. '
+          'tx.update(grads, state, params, grad_fn=jax.grad(loss_fn)).')
+    grads = updates
+    synced = grads
+    if axis_name is not None:
+      synced = jax.lax.pmean(grads, axis_name)
+    ascent = synced if (axis_name is None or sync_perturbation) else grads
+    radius = rho(state.count) if callable(rho) else rho
+    phantom, perturbation = phantom_params(
+        params, ascent, radius, adaptive=adaptive, adaptive_eta=adaptive_eta,
+        eps=eps, mask=mask)
+    phantom_grads = grad_fn(phantom)
+    if axis_name is not None:
+      phantom_grads = jax.lax.pmean(phantom_grads, axis_name)
+    perturbation_norm = _global_norm(perturbation)
+    if axis_name is not None and not sync_perturbation:
+      perturbation_norm = jax.lax.pmean(perturbation_norm, axis_name)
+    new_state = SamState(
+        count=optax.safe_increment(state.count),
+        grad_norm=_global_norm(synced),
+        perturbation_norm=perturbation_norm,
+        cosine=cosine_similarity(synced, phantom_grads),
+    )
+    return phantom_grads, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def head_mask(params: PyTree, head: str = 'head') -> PyTree:
+  """Bool pytree selecting the leaves under any dict key named ``head``."""
+
+  def under_head(path, _):
+    return any(getattr(k, 'key', None) == head for k in path)
+
+  tree = jax.tree_util.tree_map_with_path(under_head, params)
+  if not any(jax.tree.leaves(tree)):
+    raise ValueError(
+        f"lsam: no parameter lies under a key named {head!r}. Name the classifier "
+        f"head's module {head!r} or pass head=<its name>.")
+  return tree
+
+
+def lsam(rho: ScalarOrSchedule, *, head: str = 'head', **kwargs) -> optax.GradientTransformationExtraArgs:
+  """LSAM (Springer et al., 2024): SAM that perturbs only the classifier head.
+
+  The phantom is ``(theta, v + rho g_v / ||g_v||)``; the descent gradient for
+  every parameter is taken there. ``head`` names the module (a dict key in the
+  params tree) holding the last layer. Other keyword arguments are those of
+  :func:`sam`.
+  """
+  if 'mask' in kwargs:
+    raise ValueError('lsam: the mask is the head; use sam(mask=...) for another mask.')
+  return sam(rho, mask=lambda params: head_mask(params, head), **kwargs)
