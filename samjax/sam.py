@@ -52,9 +52,11 @@ class SamState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (drives a ``rho`` schedule).
-    grad_norm: ``||g||`` of the clean gradient at ``theta`` (over all leaves).
+    grad_norm: ``||g||`` of the clean gradient at ``theta`` over the perturbed
+      (masked) leaves; all leaves for SAM and ASAM, the head for LSAM.
     perturbation_norm: ``||theta~ - theta||``.
-    cosine: cosine similarity between the clean and the phantom gradient.
+    cosine: cosine similarity between the clean and the phantom gradient over
+      the perturbed leaves.
   """
 
   count: jax.Array
@@ -104,6 +106,20 @@ def resolve_mask(mask: MaskOrFn, params: PyTree) -> PyTree:
 
 def _is_static_bool(m) -> bool:
   return isinstance(m, (bool, np.bool_))
+
+
+def _masked_leaves(tree: PyTree, mask: MaskOrFn, params: PyTree) -> list:
+  """The leaves of ``tree`` that ``mask`` selects (traced mask leaves zero the rest)."""
+  leaves = jax.tree.leaves(tree)
+  if mask is None:
+    return leaves
+  selected = []
+  for x, m in zip(leaves, jax.tree.leaves(resolve_mask(mask, params))):
+    if not _is_static_bool(m):
+      selected.append(jnp.where(m, x, jnp.zeros_like(x)))
+    elif m:
+      selected.append(x)
+  return selected
 
 
 def phantom_params(
@@ -192,7 +208,11 @@ def sam(
       leaves only; every leaf receives the phantom gradient.
     axis_name: the mapped axis when used inside ``pmap``/``shard_map``; the
       incoming gradient is then per-device and the output is always averaged
-      over the axis.
+      over the axis. Under ``shard_map`` with ``check_vma=True`` (JAX's
+      default), ``jax.grad`` with respect to replicated parameters already sums
+      over the axis; differentiate with respect to
+      ``jax.lax.pcast(params, axis_name, to='varying')`` (or use
+      ``check_vma=False``) to hand ``sam`` per-device gradients.
     sync_perturbation: with ``axis_name``, ``True`` averages the gradient over
       the axis before forming the perturbation (one phantom for the global
       batch); ``False`` perturbs each device with its own gradient (Foret et
@@ -243,11 +263,14 @@ def sam(
     perturbation_norm = _global_norm(perturbation)
     if axis_name is not None and not sync_perturbation:
       perturbation_norm = jax.lax.pmean(perturbation_norm, axis_name)
+    # Statistics over the perturbed leaves only: for LSAM this keeps the clean gradient of the
+    # body unused, so XLA can skip the body's first backward pass.
+    perturbed = _masked_leaves(synced, mask, params)
     new_state = SamState(
         count=optax.safe_increment(state.count),
-        grad_norm=_global_norm(synced),
+        grad_norm=_global_norm(perturbed),
         perturbation_norm=perturbation_norm,
-        cosine=cosine_similarity(synced, phantom_grads),
+        cosine=cosine_similarity(perturbed, _masked_leaves(phantom_grads, mask, params)),
     )
     return phantom_grads, new_state
 

@@ -1,0 +1,147 @@
+"""The jitted, sharded train step: data-parallel equivalence and BatchNorm semantics."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+import samjax
+from samjax import diagnostics
+from samjax import step as step_lib
+
+
+class TinyNet(nn.Module):
+  num_classes: int = 3
+  use_bn: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    h = nn.Dense(8)(x.reshape(x.shape[0], -1))
+    if self.use_bn:
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+    h = nn.relu(h)
+    logits = nn.Dense(self.num_classes, name='head')(h)
+    return (logits, h) if return_features else logits
+
+
+def opt_config(name='sam', rho=0.1, lr=0.1, momentum=0.9, schedule='constant'):
+  return ml_collections.ConfigDict(dict(name=name, rho=rho, learning_rate=lr, momentum=momentum,
+                                        weight_decay=1e-3, schedule=schedule, grad_clip_norm=0.0,
+                                        adaptive_eta=0.01, head='head', nesterov=False))
+
+
+def make_batch(seed=0, n=32):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.normal(size=(n, 4, 4, 1)).astype(np.float32),
+          'label': rng.integers(0, 3, size=n).astype(np.int32)}
+
+
+def run_steps(model, config, devices, batches, perturbation='sync', log_diagnostics=False):
+  mesh = step_lib.make_mesh(devices)
+  tx, step = step_lib.make_train_step(model, config, 10, mesh, perturbation=perturbation,
+                                      log_diagnostics=log_diagnostics, donate=False)
+  state = step_lib.create_train_state(model, tx, jax.random.key(0), batches[0]['image'][:1])
+  metrics = None
+  for b in batches:
+    state, metrics = step(state, b)
+  return state, metrics
+
+
+@pytest.mark.parametrize('name', ['sgd', 'sam', 'lsam', 'asam'])
+def test_sharded_step_equals_single_device_step(name):
+  model = TinyNet()
+  batches = [make_batch(s) for s in range(3)]
+  single, m1 = run_steps(model, opt_config(name), jax.devices()[:1], batches)
+  sharded, m8 = run_steps(model, opt_config(name), jax.devices()[:8], batches)
+  # BatchNorm uses the global batch's statistics in the synced step, so the two must agree.
+  for a, b in zip(jax.tree.leaves((single.params, single.batch_stats)),
+                  jax.tree.leaves((sharded.params, sharded.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5)
+
+
+def test_one_sam_step_matches_hand_computation_and_keeps_clean_batch_stats():
+  model = TinyNet()
+  batch = make_batch(1)
+  config = opt_config('sam', momentum=0.0)
+  state, _ = run_steps(model, config, jax.devices()[:1], [batch])
+  init = model.init(jax.random.key(0), jnp.asarray(batch['image'][:1]), train=False)
+  params, stats = init['params'], init['batch_stats']
+
+  def loss(p):
+    logits, upd = model.apply({'params': p, 'batch_stats': stats}, batch['image'], train=True,
+                              mutable=['batch_stats'])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean(), upd
+
+  (_, clean_updates), g = jax.value_and_grad(loss, has_aux=True)(params)
+  phantom, _ = samjax.phantom_params(params, g, 0.1)
+  (_, phantom_updates), g_phantom = jax.value_and_grad(loss, has_aux=True)(phantom)
+  expected = jax.tree.map(lambda p, gp: p - 0.1 * (gp + 1e-3 * p), params, g_phantom)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Running statistics come from the clean pass at theta, not from the phantom pass.
+  for a, b in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(clean_updates['batch_stats'])):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  differs = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.batch_stats),
+                                                   jax.tree.leaves(phantom_updates['batch_stats']))]
+  assert any(differs)
+
+
+@pytest.mark.parametrize('name', ['sam', 'lsam'])
+def test_per_device_perturbation_equals_its_closed_form(name):
+  model = TinyNet()
+  batch = make_batch(2, n=32)
+  config = opt_config(name, momentum=0.0)
+  state, _ = run_steps(model, config, jax.devices()[:8], [batch], perturbation='per_device')
+  init = model.init(jax.random.key(0), jnp.asarray(batch['image'][:1]), train=False)
+  params, stats = init['params'], init['batch_stats']
+  mask = samjax.head_mask(params) if name == 'lsam' else None
+
+  def shard_loss(p, i):  # each device normalises with its own shard's batch statistics
+    sl = slice(4 * i, 4 * i + 4)
+    logits, upd = model.apply({'params': p, 'batch_stats': stats}, batch['image'][sl], train=True,
+                              mutable=['batch_stats'])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'][sl]).mean(), upd
+
+  phantom_grads, new_stats = [], []
+  for i in range(8):
+    (_, upd), g = jax.value_and_grad(shard_loss, has_aux=True)(params, i)
+    phantom, _ = samjax.phantom_params(params, g, 0.1, mask=mask)
+    phantom_grads.append(jax.grad(lambda p: shard_loss(p, i)[0])(phantom))
+    new_stats.append(upd['batch_stats'])
+  mean = lambda trees: jax.tree.map(lambda *v: sum(v) / len(v), *trees)
+  expected = jax.tree.map(lambda p, gp: p - 0.1 * (gp + 1e-3 * p), params, mean(phantom_grads))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(mean(new_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_report_schedule_norms_and_in_step_gini():
+  model = TinyNet(use_bn=False)
+  batch = make_batch(3)
+  config = opt_config('sam', momentum=0.0, schedule='cosine')
+  state, metrics = run_steps(model, config, jax.devices()[:8], [batch], log_diagnostics=True)
+  assert set(metrics) >= {'loss', 'accuracy', 'learning_rate', 'grad_norm', 'sam_cosine',
+                          'perturbation_norm', 'gini_real', 'gini_phantom'}
+  np.testing.assert_allclose(metrics['learning_rate'], 0.1)  # cosine schedule at step 0
+  np.testing.assert_allclose(metrics['perturbation_norm'], 0.1, rtol=1e-5)
+  # The in-step Gini equals the offline computation on the same batch and parameters.
+  init = model.init(jax.random.key(0), jnp.asarray(batch['image'][:1]), train=False)
+  params = init['params']
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({'params': p}, batch['image']), batch['label']).mean()
+  phantom, _ = samjax.phantom_params(params, jax.grad(loss)(params), 0.1)
+  real_w = diagnostics.importance_weights(model.apply({'params': params}, batch['image']), batch['label'])
+  phantom_w = diagnostics.importance_weights(model.apply({'params': phantom}, batch['image']), batch['label'])
+  np.testing.assert_allclose(metrics['gini_real'], diagnostics.gini(real_w), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics['gini_phantom'], diagnostics.gini(phantom_w), rtol=1e-5, atol=1e-6)
+  assert int(state.step) == 1
+
+
+def test_unknown_optimizer_is_a_value_error():
+  with pytest.raises(ValueError, match='optimizer.name'):
+    step_lib.make_optimizer(opt_config('adamw'), 10)
