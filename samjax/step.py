@@ -140,7 +140,7 @@ def _local_step(state: TrainState, batch, *, loss_fn, tx, schedule, uses_sam: bo
   (loss, (logits, new_batch_stats)), grads = grad_and_aux(params, state.batch_stats, batch)
   phantom_logits = []
 
-  def grad_fn(phantom):
+  def grad_fn(phantom, *unused):  # *unused: optax.contrib.sam passes an inner-step index
     if axis_name is not None:  # leaves outside an LSAM mask are still replicated
       phantom = _device_varying(phantom, axis_name)
     (_, (logits_at_phantom, _)), phantom_grads = grad_and_aux(phantom, state.batch_stats, batch)
@@ -181,7 +181,7 @@ def make_mesh(devices=None) -> Mesh:
 
 def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
                     perturbation: str = 'sync', log_diagnostics: bool = False,
-                    donate: bool = True):
+                    donate: bool = True, tx: Optional[optax.GradientTransformation] = None):
   """Builds ``(tx, step)`` where ``step(state, batch) -> (state, metrics)`` is jitted.
 
   Args:
@@ -192,6 +192,8 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
     perturbation: ``'sync'`` (one phantom from the global gradient) or ``'per_device'``.
     log_diagnostics: add the Gini coefficients of the importance weights at ``theta`` and at
       the phantom to the metrics, from the logits both passes already compute.
+    tx: an optimizer to use instead of the one ``opt_config`` describes (e.g. to compare with
+      ``optax.contrib.sam``); it receives ``grad_fn`` like samjax's transforms do.
   Returns:
     The optimizer (for ``create_train_state``) and the jitted step.
   """
@@ -199,8 +201,9 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
     raise ValueError(f'perturbation must be one of {PERTURBATIONS}, got {perturbation!r}.')
   per_device = perturbation == 'per_device'
   axis_name = DATA_AXIS if per_device else None
-  tx = make_optimizer(opt_config, num_train_steps, axis_name=axis_name,
-                      sync_perturbation=not per_device)
+  if tx is None:
+    tx = make_optimizer(opt_config, num_train_steps, axis_name=axis_name,
+                        sync_perturbation=not per_device)
   local = functools.partial(
       _local_step, loss_fn=make_loss_fn(model), tx=tx,
       schedule=learning_rate_schedule(opt_config, num_train_steps),
