@@ -27,6 +27,7 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-proc
 flags.DEFINE_integer('process_id', None, 'This process\'s index in a multi-process run.')
 
 USAGE_ERROR = 2
+TRAINING_FAULT = 3
 PREEMPTED = 143
 
 
@@ -41,8 +42,8 @@ def initialize_distributed() -> None:
   if FLAGS.coordinator_address or FLAGS.num_processes:
     if FLAGS.coordinator_address is None or FLAGS.num_processes is None or FLAGS.process_id is None:
       _error('--coordinator_address, --num_processes and --process_id go together.')
-    if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # Only the CPU backend reads this; it must be set before any backend starts.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
@@ -74,6 +75,12 @@ def main(argv) -> None:
     if os.environ.get('SAMJAX_DEBUG'):
       raise
     _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except RuntimeError as e:  # a numerical fault: the message names the step and the quantity
+    from samjax.train import TrainingFault  # pylint: disable=g-import-not-at-top
+    if not isinstance(e, TrainingFault) or os.environ.get('SAMJAX_DEBUG'):
+      raise
+    print(f'samjax: training stopped: {e}', file=sys.stderr)
+    sys.exit(TRAINING_FAULT)
   if isinstance(result, dict) and 'preempted_at_step' in result:
     logging.warning('preempted at step %d', result['preempted_at_step'])
     sys.exit(PREEMPTED)
@@ -83,6 +90,8 @@ def cli() -> None:
   """Parses flags ourselves so that a bad flag is one line and exit code 2, not a usage dump."""
   try:
     argv = FLAGS(sys.argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.get('job')  # config files load lazily: surface a load failure here
   except flags.Error as e:
     _error(str(e).splitlines()[0])
   except (ValueError, KeyError, AttributeError, TypeError, FileNotFoundError, OSError) as e:

@@ -136,8 +136,15 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   os.replace(tmp, path)
 
 
+def to_host(x) -> np.ndarray:
+  """A replicated global array as numpy, also when other processes hold some of its devices."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(x)
+  return np.asarray(x.addressable_data(0))
+
+
 def _to_python(metrics: dict) -> dict:
-  return {k: float(v) for k, v in metrics.items()}
+  return {k: float(to_host(v)) for k, v in metrics.items()}
 
 
 def _check_finite(step: int, metrics: dict) -> None:
@@ -158,8 +165,8 @@ def compute_features(model, variables, split, dataset, batch_size: int, mesh) ->
     rows = batch['image'].shape[0] // count
     local = batch['image'][index * rows:(index + 1) * rows]
     out_logits, out_feats = apply(variables, jax.make_array_from_process_local_data(sharding, local))
-    logits.append(np.asarray(out_logits)[:num_valid])
-    feats.append(np.asarray(out_feats)[:num_valid])
+    logits.append(to_host(out_logits)[:num_valid])
+    feats.append(to_host(out_feats)[:num_valid])
   return np.concatenate(feats), np.concatenate(logits)
 
 
@@ -211,6 +218,17 @@ def evaluate(model, variables, dataset, config, mesh) -> dict:
   return result
 
 
+def _load_dataset(config):
+  """Loads the data set; in a multi-process run process 0 builds it first, alone."""
+  if jax.process_count() == 1:
+    return data_lib.load_dataset(config.data, seed=config.seed)
+  dataset = data_lib.load_dataset(config.data, seed=config.seed) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('samjax_dataset_prepared')
+  if dataset is None:
+    dataset = data_lib.load_dataset(config.data, seed=config.seed)
+  return dataset
+
+
 def _num_train_steps(config, steps_per_epoch: int) -> int:
   if config.get('num_train_steps', None):
     return int(config.num_train_steps)
@@ -222,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_train_config(config, num_devices=jax.device_count())
   if os.path.exists(workdir):
     _check_same_config(workdir, config)
-  dataset = data_lib.load_dataset(config.data, seed=config.seed)
+  dataset = _load_dataset(config)
   model = models.create_model(config.model, dataset.num_classes)
   mesh = step_lib.make_mesh()
   is_lead = jax.process_index() == 0
@@ -272,8 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def flush(current_step: int) -> None:
     """Fetches pending metrics (one host sync), checks them, logs them."""
     nonlocal last_time, last_step
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
+    for s, m in pending:
       m = _to_python(m)
       _check_finite(s, m)
       if is_lead and (s % log_every == 0 or s == num_steps):

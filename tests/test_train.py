@@ -1,0 +1,147 @@
+"""End-to-end real-data training on the real scikit-learn digits: outputs, resume, bad input."""
+
+import importlib.util
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from samjax import step as step_lib
+from samjax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def tiny_digits_config(data_dir, optimizer='sam', steps=24):
+  config = load_config('digits_dominoes', optimizer)
+  config.data.data_dir = data_dir
+  config.num_train_steps = steps
+  config.batch_size = 16
+  config.eval_batch_size = 64
+  config.checkpoint_every_steps = 8
+  config.log_every_steps = 4
+  config.progress_bar = False
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore_params(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  restored = manager.restore(manager.latest_step())
+  manager.close()
+  return restored
+
+
+def test_digits_dominoes_trains_for_real_and_writes_every_output(tmp_path, data_dir):
+  config = tiny_digits_config(data_dir, 'sam', steps=120)
+  config.checkpoint_every_steps = 40
+  workdir = str(tmp_path / 'run')
+  result = train.train_and_evaluate(config, workdir)
+  for name in ('config.json', 'metrics.jsonl', 'probe.json', 'checkpoints', 'tensorboard'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  metrics = read_metrics(workdir)
+  assert [m['step'] for m in metrics] == list(range(4, 121, 4))
+  assert {'loss', 'accuracy', 'grad_norm', 'sam_cosine', 'learning_rate', 'gini_real',
+          'gini_phantom'} <= set(metrics[0])
+  first, last = np.mean([m['loss'] for m in metrics[:3]]), np.mean([m['loss'] for m in metrics[-3:]])
+  assert last < 0.5 * first, (first, last)
+  with open(os.path.join(workdir, 'probe.json')) as f:
+    probe = json.load(f)
+  assert probe == pytest.approx(result)
+  # Both features are binary and probed on group-balanced sets: chance is 0.5.
+  assert probe['easy_probe_error'] < 0.2
+  assert probe['hard_probe_error'] < 0.4
+  assert probe['test_error'] < 0.5
+  assert set(probe) >= {'test_error', 'worst_group_error', 'label_probe_error',
+                        'attribute_probe_error', 'group_test_errors'}
+
+
+def test_resume_after_sigterm_equals_a_straight_run(tmp_path, data_dir, monkeypatch):
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(tiny_digits_config(data_dir), straight)
+
+  real_make_train_step = step_lib.make_train_step
+
+  def make_step_that_gets_preempted(*args, **kwargs):
+    tx, step = real_make_train_step(*args, **kwargs)
+    calls = {'n': 0}
+
+    def preempted_step(state, batch):
+      calls['n'] += 1
+      if calls['n'] == 11:  # between two periodic checkpoints (every 8 steps)
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, batch)
+
+    return tx, preempted_step
+
+  resumed = str(tmp_path / 'resumed')
+  monkeypatch.setattr(step_lib, 'make_train_step', make_step_that_gets_preempted)
+  first = train.train_and_evaluate(tiny_digits_config(data_dir), resumed)
+  assert first == {'preempted_at_step': 11}
+  assert not os.path.exists(os.path.join(resumed, 'probe.json'))
+  monkeypatch.setattr(step_lib, 'make_train_step', real_make_train_step)
+  train.train_and_evaluate(tiny_digits_config(data_dir), resumed)
+
+  assert read_metrics(straight) == read_metrics(resumed)
+  with open(os.path.join(straight, 'probe.json')) as a, open(os.path.join(resumed, 'probe.json')) as b:
+    assert json.load(a) == json.load(b)
+  for x, y in zip(jax.tree.leaves(restore_params(straight)), jax.tree.leaves(restore_params(resumed))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, caplog):
+  workdir = str(tmp_path / 'run')
+  config = tiny_digits_config(data_dir, 'sgd', steps=16)
+  train.train_and_evaluate(config, workdir)
+  latest = os.path.join(workdir, 'checkpoints', '16')
+  for root, _, files in os.walk(latest):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\0garbage')
+  os.remove(os.path.join(workdir, 'probe.json'))
+  config.num_train_steps = 16
+  train.train_and_evaluate(config, workdir)
+  assert 'unreadable' in caplog.text
+  assert os.path.exists(os.path.join(workdir, 'probe.json'))
+
+
+def test_checkpoint_from_another_config_is_refused_and_workdir_untouched(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_digits_config(data_dir, 'sgd', steps=8), workdir)
+  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  other = tiny_digits_config(data_dir, 'sam', steps=8)
+  with pytest.raises(ValueError, match='optimizer'):
+    train.train_and_evaluate(other, workdir)
+  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  assert before == after
+
+
+def test_nan_stops_the_run_naming_step_and_quantity(tmp_path, data_dir):
+  config = tiny_digits_config(data_dir, 'sgd', steps=16)
+  config.optimizer.learning_rate = 1e30
+  config.optimizer.schedule = 'constant'
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.TrainingFault, match=r'non-finite \w+ .* at step \d+'):
+    train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'probe.json'))
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '8'))
