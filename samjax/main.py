@@ -86,8 +86,20 @@ def main(argv) -> None:
     sys.exit(PREEMPTED)
 
 
+def _missing_config_file(argv) -> str | None:
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      path = arg[len('--config='):].split(':', 1)[0]
+      if not os.path.exists(path):
+        return path
+  return None
+
+
 def cli() -> None:
   """Parses flags ourselves so that a bad flag is one line and exit code 2, not a usage dump."""
+  missing = _missing_config_file(sys.argv)
+  if missing:
+    _error(f'config file {missing} does not exist (run from the repository root, or pass a path).')
   try:
     argv = FLAGS(sys.argv)
     if _CONFIG.value is not None:
