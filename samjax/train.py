@@ -179,16 +179,24 @@ def _group_errors(predictions, split, num_attributes) -> dict[int, float]:
 def evaluate(model, variables, dataset, config, mesh) -> dict:
   """Test error, worst-group error and group-balanced linear-probe errors of each feature."""
   batch_size = config.get('eval_batch_size', config.batch_size)
-  _, test_logits = compute_features(model, variables, dataset.test, dataset, batch_size, mesh)
-  test_pred = np.argmax(test_logits, -1)
-  groups_test = _group_errors(test_pred, dataset.test, dataset.num_attributes)
   train_groups = dataset.train.labels * dataset.num_attributes + dataset.train.attributes
   frequency = {int(g): float(np.mean(train_groups == g)) for g in np.unique(train_groups)}
-  average_error = float(np.mean(test_pred != dataset.test.labels))
-  weighted = sum(frequency.get(g, 0.0) * e for g, e in groups_test.items())
-  weighted /= max(sum(frequency.get(g, 0.0) for g in groups_test), 1e-12)
+
+  def task_errors(split):
+    _, logits = compute_features(model, variables, split, dataset, batch_size, mesh)
+    predictions = np.argmax(logits, -1)
+    per_group = _group_errors(predictions, split, dataset.num_attributes)
+    average = float(np.mean(predictions != split.labels))
+    weighted = sum(frequency.get(g, 0.0) * e for g, e in per_group.items())
+    weighted /= max(sum(frequency.get(g, 0.0) for g in per_group), 1e-12)
+    reported = weighted if config.get('group_weighted_test_error', False) else average
+    return reported, average, weighted, per_group
+
+  val_error, _, _, _ = task_errors(dataset.val)
+  test_error, average_error, weighted, groups_test = task_errors(dataset.test)
   result = {
-      'test_error': weighted if config.get('group_weighted_test_error', False) else average_error,
+      'val_error': val_error,  # model selection uses this, never the test or probe numbers
+      'test_error': test_error,
       'test_error_average': average_error,
       'test_error_group_weighted': weighted,
       'worst_group_error': max(groups_test.values()),
