@@ -1,0 +1,170 @@
+"""Grids of real-data runs: resumable, selected on validation error, aggregated over seeds.
+
+Each run lives in its own workdir (``<root>/<tag>/<method>_lr<lr>_rho<rho>_seed<seed>``) and is
+an ordinary :func:`samjax.train.train_and_evaluate` run, so an interrupted grid resumes: finished
+runs (their ``probe.json`` exists) are read back, an interrupted run resumes from its checkpoint.
+``rho = 0`` is SGD, ``rho > 0`` SAM. For each method the learning rate (and for SAM rho) with the
+lowest validation error averaged over seeds is selected; the table reports mean +- std over seeds
+of the selected setting.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import io
+import itertools
+import json
+import os
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from samjax.io_utils import atomic_write_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  tag: str  # the table row, e.g. 'cifar_mnist' or 'pacs/sketch'
+  config_file: str  # configs/NAME.py
+  config_arg: Optional[str]
+  learning_rate: float
+  rho: float
+  seed: int
+
+  @property
+  def method(self) -> str:
+    return 'sgd' if self.rho == 0 else 'sam'
+
+  def workdir(self, root: str) -> str:
+    return os.path.join(root, self.tag.replace('/', '_'),
+                        f'{self.method}_lr{self.learning_rate:g}_rho{self.rho:g}_seed{self.seed}')
+
+
+def load_config(config_file: str, arg: Optional[str] = None):
+  path = config_file if os.path.isabs(config_file) else os.path.join(ROOT, config_file)
+  spec = importlib.util.spec_from_file_location('samjax_experiment_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def grid(tag: str, config_file: str, config_arg: Optional[str], learning_rates: Sequence[float],
+         rhos: Sequence[float], seeds: Sequence[int]) -> list[Run]:
+  return [Run(tag, config_file, config_arg, lr, rho, seed)
+          for lr, rho, seed in itertools.product(learning_rates, rhos, seeds)]
+
+
+def _set_dotted(config, key: str, value) -> None:
+  node = config
+  *parents, leaf = key.split('.')
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def run_config(run: Run, overrides: dict):
+  config = load_config(run.config_file, run.config_arg)
+  config.optimizer.name = run.method
+  config.optimizer.learning_rate = run.learning_rate
+  config.optimizer.rho = run.rho
+  config.seed = run.seed
+  for key, value in overrides.items():
+    _set_dotted(config, key, value)
+  return config
+
+
+def run_grid(runs: Iterable[Run], root: str, overrides: Optional[dict] = None) -> list[dict]:
+  """Runs every run not finished yet; returns one record per run (its probe.json plus keys)."""
+  from samjax import train  # pylint: disable=g-import-not-at-top
+  records = []
+  for run in runs:
+    workdir = run.workdir(root)
+    probe_path = os.path.join(workdir, 'probe.json')
+    if not os.path.exists(probe_path):
+      result = train.train_and_evaluate(run_config(run, overrides or {}), workdir)
+      if 'preempted_at_step' in result:
+        raise SystemExit(f'preempted in {workdir}; rerun the same command to resume the grid')
+    with open(probe_path) as f:
+      result = json.load(f)
+    records.append({**dataclasses.asdict(run), 'method': run.method, **result})
+  return records
+
+
+def select_and_aggregate(records: list[dict], metrics: Sequence[str]) -> list[dict]:
+  """Per (tag, method): the setting with the lowest mean validation error; mean/std over seeds."""
+  rows = []
+  for (tag, method) in sorted({(r['tag'], r['method']) for r in records}):
+    mine = [r for r in records if r['tag'] == tag and r['method'] == method]
+    settings = sorted({(r['learning_rate'], r['rho']) for r in mine})
+    by_setting = {s: [r for r in mine if (r['learning_rate'], r['rho']) == s] for s in settings}
+    best = min(settings, key=lambda s: (np.mean([r['val_error'] for r in by_setting[s]]), s))
+    chosen = by_setting[best]
+    row = {'tag': tag, 'method': method, 'learning_rate': best[0], 'rho': best[1],
+           'num_seeds': len(chosen)}
+    for metric in metrics:
+      values = [r[metric] for r in chosen if metric in r]
+      row[f'{metric}_mean'] = float(np.mean(values)) if values else float('nan')
+      row[f'{metric}_std'] = float(np.std(values)) if values else float('nan')
+    rows.append(row)
+  return rows
+
+
+def write_table(rows: list[dict], metrics: Sequence[str], out_dir: str, name: str,
+                paper: Optional[dict] = None, scale: float = 1.0, title: str = '',
+                footer: Sequence[str] = ()) -> str:
+  """Writes ``<name>.md`` and ``<name>.csv``; ``paper`` maps (tag, method) -> {metric: value}."""
+  os.makedirs(out_dir, exist_ok=True)
+  fieldnames = list(rows[0].keys()) if rows else []
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=fieldnames + (['paper'] if paper else []))
+  writer.writeheader()
+  for row in rows:
+    extra = {'paper': json.dumps(paper.get((row['tag'], row['method']), {}))} if paper else {}
+    writer.writerow({**row, **extra})
+  atomic_write_text(os.path.join(out_dir, f'{name}.csv'), buffer.getvalue())
+  header = ['data', 'method', 'lr', 'rho', 'seeds'] + list(metrics)
+  if paper:
+    header += [f'paper {m}' for m in metrics]
+  lines = [f'# {title or name}', '', '| ' + ' | '.join(header) + ' |',
+           '|' + '---|' * len(header)]
+  for row in rows:
+    cells = [row['tag'], row['method'], f"{row['learning_rate']:g}", f"{row['rho']:g}",
+             str(row['num_seeds'])]
+    cells += [f"{scale * row[f'{m}_mean']:.3f} +- {scale * row[f'{m}_std']:.3f}" for m in metrics]
+    if paper:
+      reported = paper.get((row['tag'], row['method']), {})
+      cells += [f'{reported[m]:.3f}' if m in reported else 'n/a' for m in metrics]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  if footer:
+    lines += [''] + list(footer)
+  text = '\n'.join(lines) + '\n'
+  atomic_write_text(os.path.join(out_dir, f'{name}.md'), text)
+  return text
+
+
+def plot_table(rows: list[dict], metrics: Sequence[str], path: str, ylabel: str) -> None:
+  """Grouped bars (mean +- std) per data set, SGD beside SAM, one panel per metric."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tags = sorted({r['tag'] for r in rows})
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+  for ax, metric in zip(axes[0], metrics):
+    for j, method in enumerate(('sgd', 'sam')):
+      mine = {r['tag']: r for r in rows if r['method'] == method}
+      xs = [i + (j - 0.5) * 0.38 for i, t in enumerate(tags) if t in mine]
+      means = [mine[t][f'{metric}_mean'] for t in tags if t in mine]
+      stds = [mine[t][f'{metric}_std'] for t in tags if t in mine]
+      ax.bar(xs, means, width=0.38, yerr=stds, capsize=3, label=method.upper())
+    ax.set_xticks(range(len(tags)))
+    ax.set_xticklabels(tags, rotation=20, ha='right')
+    ax.set_title(metric.replace('_', ' '))
+    ax.set_ylabel(ylabel)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
