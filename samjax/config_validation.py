@@ -38,7 +38,7 @@ def base_train_config() -> ml_collections.ConfigDict:
   c.log_diagnostics = True  # Gini of real and phantom importance weights per logged step
   c.perturbation = 'sync'  # 'per_device': m-sharpness with m = per-device batch
   c.group_weighted_test_error = False  # CelebA, Waterbirds: weight group errors by train frequency
-  c.probe_l2 = 1.0
+  c.probe_l2 = 1e-3  # L2 penalty on the probe's mean loss (samjax.probe)
   c.microbatches = 1
   c.microbatch_mode = 'full_batch'
   c.compute_dtype = 'float32'

@@ -215,7 +215,7 @@ def evaluate(model, variables, dataset, config, mesh) -> dict:
       continue
     result[f'{feature}_probe_error'] = probe.probe_error(
         probe_train_x, targets_train, probe_test_x, targets_test,
-        l2=config.get('probe_l2', 1.0))
+        l2=config.get('probe_l2', 1e-3))
   hard = 'attribute' if dataset.easy_feature == 'label' else 'label'
   if f'{dataset.easy_feature}_probe_error' in result:
     result['easy_probe_error'] = result[f'{dataset.easy_feature}_probe_error']
