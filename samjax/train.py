@@ -349,6 +349,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
+def load_run(workdir: str, step: Optional[int] = None):
+  """A finished (or checkpointed) run: ``(config, dataset, model, variables, step)``.
+
+  Reads ``config.json`` and the newest checkpoint (or ``step``) of ``workdir`` so that
+  diagnostics and figures can evaluate the trained model on its own data.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ValueError(f'{workdir} holds no run: {path} is missing.')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  dataset = data_lib.load_dataset(config.data, seed=config.seed)
+  model = models.create_model(config.model, dataset.num_classes)
+  tx = step_lib.make_optimizer(config.optimizer, max(int(config.get('num_train_steps', 0)), 1))
+  batches = data_lib.TrainBatches(dataset.train, dataset, config.batch_size, seed=config.seed,
+                                  augment=False)
+  sample = batches.batch_at(0)['image'][:1]
+  abstract = jax.eval_shape(lambda: step_lib.create_train_state(model, tx, jax.random.key(0), sample))
+  manager = _checkpoint_manager(workdir, config)
+  if step is None:
+    state, step = _restore_latest(manager, abstract)
+  else:
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  manager.close()
+  if state is None:
+    raise ValueError(f'{workdir} holds no checkpoint yet.')
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  return config, dataset, model, variables, step
+
+
 class _SummaryWriter:
   """TensorBoard scalars through tf.summary (TensorFlow is already a data dependency)."""
 
