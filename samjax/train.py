@@ -128,8 +128,14 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   """Drops metric lines logged after the restored step, so a resumed log equals a straight one."""
   if not os.path.exists(path):
     return
+  lines = []
   with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)['step'] <= last_step]
+    for line in f:
+      try:
+        if json.loads(line)['step'] <= last_step:
+          lines.append(line if line.endswith('\n') else line + '\n')
+      except (json.JSONDecodeError, KeyError):  # a line torn by a kill: it is re-logged
+        continue
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.writelines(lines)
