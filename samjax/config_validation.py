@@ -126,6 +126,9 @@ def validate_train_config(config, num_devices: int) -> None:
   _one_of(config, 'model.name', MODELS)
   _one_of(config, 'data.name', DATASETS)
   _one_of(config, 'perturbation', PERTURBATIONS)
+  if config.compute_dtype == 'float16':
+    _fail('compute_dtype', 'float16 is refused: it needs loss scaling, which would have to be '
+          'applied to both SAM passes alike; use bfloat16 (same memory, float32 range).')
   _one_of(config, 'compute_dtype', DTYPES)
   _one_of(config, 'microbatch_mode', MICROBATCH_MODES)
   for field in ('optimizer.rho', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',

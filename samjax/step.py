@@ -27,11 +27,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from samjax import diagnostics
+from samjax.config_validation import MICROBATCH_MODES, OPTIMIZERS, PERTURBATIONS
 from samjax.sam import SamState, lsam, sam
 
 PyTree = Any
-OPTIMIZERS = ('sgd', 'sam', 'lsam', 'asam')
-PERTURBATIONS = ('sync', 'per_device')
 DATA_AXIS = 'data'
 
 
@@ -53,13 +52,9 @@ def learning_rate_schedule(opt_config, num_train_steps: int) -> optax.Schedule:
   raise ValueError(f"optimizer.schedule must be one of ('cosine', 'constant'), got {name!r}.")
 
 
-def make_optimizer(opt_config, num_train_steps: int, *, axis_name: Optional[str] = None,
-                   sync_perturbation: bool = True) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain([clip], [sam | lsam | asam], [weight decay], sgd(schedule, momentum))``.
-
-  The SAM transform comes first so that it sees the raw gradient and every later transformation
-  sees the phantom gradient; weight decay is added at ``theta``.
-  """
+def optimizer_parts(opt_config, num_train_steps: int, *, axis_name: Optional[str] = None,
+                    sync_perturbation: bool = True) -> tuple[list, Optional[int]]:
+  """The transformations of :func:`make_optimizer`'s chain and the index of the SAM one (or None)."""
   name = opt_config.name
   if name not in OPTIMIZERS:
     raise ValueError(f'optimizer.name must be one of {OPTIMIZERS}, got {name!r}.')
@@ -67,6 +62,7 @@ def make_optimizer(opt_config, num_train_steps: int, *, axis_name: Optional[str]
   clip = opt_config.get('grad_clip_norm', None)
   if clip:
     parts.append(optax.clip_by_global_norm(clip))
+  sam_index = len(parts) if name != 'sgd' else None
   sam_kwargs = dict(axis_name=axis_name, sync_perturbation=sync_perturbation)
   if name == 'sam':
     parts.append(sam(opt_config.rho, **sam_kwargs))
@@ -80,6 +76,18 @@ def make_optimizer(opt_config, num_train_steps: int, *, axis_name: Optional[str]
   momentum = opt_config.get('momentum', 0.0) or None
   parts.append(optax.sgd(learning_rate_schedule(opt_config, num_train_steps), momentum=momentum,
                          nesterov=bool(opt_config.get('nesterov', False))))
+  return parts, sam_index
+
+
+def make_optimizer(opt_config, num_train_steps: int, *, axis_name: Optional[str] = None,
+                   sync_perturbation: bool = True) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain([clip], [sam | lsam | asam], [weight decay], sgd(schedule, momentum))``.
+
+  The SAM transform comes first so that it sees the raw gradient and every later transformation
+  sees the phantom gradient; weight decay is added at ``theta``.
+  """
+  parts, _ = optimizer_parts(opt_config, num_train_steps, axis_name=axis_name,
+                             sync_perturbation=sync_perturbation)
   return optax.chain(*parts)
 
 
@@ -129,27 +137,116 @@ def _device_varying(tree: PyTree, axis_name: str) -> PyTree:
   return jax.tree.map(cast, tree)
 
 
-def _local_step(state: TrainState, batch, *, loss_fn, tx, schedule, uses_sam: bool,
-                log_diagnostics: bool, axis_name: Optional[str]):
+def split_microbatches(batch: PyTree, k: int) -> PyTree:
+  """``[B, ...] -> [k, B/k, ...]``, micro-batch ``i`` holding rows ``i, i+k, i+2k, ...``.
+
+  Strided rather than contiguous so that, with the batch sharded over devices in contiguous
+  blocks, every micro-batch is spread over all devices and no row has to move.
+  """
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+  """Inverse of :func:`split_microbatches` for one stacked array."""
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def mean_over_microbatches(fn: Callable, batch: PyTree, k: int):
+  """``fn(micro_batch) -> (value, aux)``: the mean of ``value`` over ``k`` micro-batches and the
+  ``aux`` stacked ``[k, ...]``, one micro-batch in memory at a time (``lax.scan``)."""
+  if k == 1:
+    value, aux = fn(batch)
+    return value, jax.tree.map(lambda a: a[None], aux)
+  micro = split_microbatches(batch, k)
+  # The first micro-batch runs outside the scan so that the carry has the exact type of fn's
+  # output (under shard_map that includes which axes a value varies over).
+  total, first_aux = fn(jax.tree.map(lambda x: x[0], micro))
+
+  def body(total, micro_batch):
+    value, aux = fn(micro_batch)
+    return jax.tree.map(jnp.add, total, value), aux
+
+  total, rest_aux = jax.lax.scan(body, total, jax.tree.map(lambda x: x[1:], micro))
+  aux = jax.tree.map(lambda a, r: jnp.concatenate([a[None], r]), first_aux, rest_aux)
+  return jax.tree.map(lambda t: t / k, total), aux
+
+
+def _per_microbatch_sam_update(state: TrainState, params, batch, *, grad_and_aux, parts,
+                               sam_index: int, k: int, axis_name: Optional[str]):
+  """m-sharpness over micro-batches: each is perturbed with its own gradient.
+
+  ``update = post(mean_i grad L_i(theta + e_i))`` with ``e_i`` formed by the SAM transform from
+  micro-batch ``i``'s (pre-processed) gradient; the SAM state's statistics are averaged.
+  """
+  opt_states = state.opt_state
+  sam_tx = parts[sam_index]
+
+  def one(micro_batch):
+    (loss, (logits, new_stats)), g = grad_and_aux(params, state.batch_stats, micro_batch)
+    for j in range(sam_index):  # e.g. clipping: stateless, applied to each ascent gradient
+      g, _ = parts[j].update(g, opt_states[j], state.params)
+    phantom_logits = []
+
+    def grad_fn(phantom, *unused):
+      if axis_name is not None:
+        phantom = _device_varying(phantom, axis_name)
+      (_, (logits_at_phantom, _)), phantom_grads = grad_and_aux(phantom, state.batch_stats,
+                                                                 micro_batch)
+      phantom_logits.append(logits_at_phantom)
+      return phantom_grads
+
+    out, s = sam_tx.update(g, opt_states[sam_index], state.params, grad_fn=grad_fn)
+    stats = (s.grad_norm, s.perturbation_norm, s.cosine)
+    return (loss, out, stats), (logits, phantom_logits[0], new_stats)
+
+  (loss, updates, stats), aux = mean_over_microbatches(one, batch, k)
+  new_states = list(opt_states)
+  new_states[sam_index] = SamState(optax.safe_increment(opt_states[sam_index].count), *stats)
+  for j in range(sam_index + 1, len(parts)):
+    updates, new_states[j] = parts[j].update(updates, opt_states[j], state.params)
+  return updates, tuple(new_states), loss, aux
+
+
+def _local_step(state: TrainState, batch, *, loss_fn, tx, parts, sam_index, schedule,
+                uses_sam: bool, log_diagnostics: bool, axis_name: Optional[str],
+                microbatches: int, microbatch_mode: str):
   """One step on the batch this function sees (global under jit, local under shard_map)."""
   params = state.params
   if axis_name is not None:
     # Per-device gradients: replicated params would otherwise give gradients summed over the axis.
     params = _device_varying(params, axis_name)
   grad_and_aux = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (logits, new_batch_stats)), grads = grad_and_aux(params, state.batch_stats, batch)
-  phantom_logits = []
 
-  def grad_fn(phantom, *unused):  # *unused: optax.contrib.sam passes an inner-step index
-    if axis_name is not None:  # leaves outside an LSAM mask are still replicated
-      phantom = _device_varying(phantom, axis_name)
-    (_, (logits_at_phantom, _)), phantom_grads = grad_and_aux(phantom, state.batch_stats, batch)
-    phantom_logits.append(logits_at_phantom)  # same trace: the step reuses this forward pass
-    return phantom_grads
+  def grads_at(p, b):
+    """Mean loss and gradient over the micro-batches of ``b`` (the batch itself when k = 1)."""
+    def one(micro_batch):
+      (loss, aux), g = grad_and_aux(p, state.batch_stats, micro_batch)
+      return (loss, g), aux
+    (loss, g), aux = mean_over_microbatches(one, b, microbatches)
+    return loss, g, aux
 
-  if axis_name is not None and not uses_sam:
-    grads = jax.lax.pmean(grads, axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+  if microbatches > 1 and microbatch_mode == 'per_microbatch' and uses_sam:
+    updates, opt_state, loss, (logits, phantom, new_stats) = _per_microbatch_sam_update(
+        state, params, batch, grad_and_aux=grad_and_aux, parts=parts, sam_index=sam_index,
+        k=microbatches, axis_name=axis_name)
+    phantom_logits = [phantom]
+  else:
+    loss, grads, (logits, new_stats) = grads_at(params, batch)
+    phantom_logits = []
+
+    def grad_fn(phantom, *unused):  # *unused: optax.contrib.sam passes an inner-step index
+      if axis_name is not None:  # leaves outside an LSAM mask are still replicated
+        phantom = _device_varying(phantom, axis_name)
+      _, phantom_grads, (logits_at_phantom, _) = grads_at(phantom, batch)
+      phantom_logits.append(logits_at_phantom)  # same trace: reuses this forward pass
+      return phantom_grads
+
+    if axis_name is not None and not uses_sam:
+      grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+  logits = merge_microbatches(logits)
+  # BatchNorm: the clean pass's statistics; with micro-batches, the mean of their updates.
+  new_batch_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_stats)
   new_params = optax.apply_updates(state.params, updates)
   correct = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   metrics = {'loss': loss, 'accuracy': correct}
@@ -161,10 +258,10 @@ def _local_step(state: TrainState, batch, *, loss_fn, tx, schedule, uses_sam: bo
   if sam_state is not None:
     metrics.update(grad_norm=sam_state.grad_norm, sam_cosine=sam_state.cosine,
                    perturbation_norm=sam_state.perturbation_norm)
-  else:
+  elif not uses_sam:
     metrics['grad_norm'] = optax.tree.norm(grads)
   if log_diagnostics and sam_state is not None:
-    labels, clean, phantom = batch['label'], logits, phantom_logits[0]
+    labels, clean, phantom = batch['label'], logits, merge_microbatches(phantom_logits[0])
     if axis_name is not None:
       gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
       labels, clean, phantom = gather(labels), gather(clean), gather(phantom)
@@ -181,7 +278,8 @@ def make_mesh(devices=None) -> Mesh:
 
 def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
                     perturbation: str = 'sync', log_diagnostics: bool = False,
-                    donate: bool = True, tx: Optional[optax.GradientTransformation] = None):
+                    donate: bool = True, tx: Optional[optax.GradientTransformation] = None,
+                    microbatches: int = 1, microbatch_mode: str = 'full_batch'):
   """Builds ``(tx, step)`` where ``step(state, batch) -> (state, metrics)`` is jitted.
 
   Args:
@@ -194,6 +292,14 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
       the phantom to the metrics, from the logits both passes already compute.
     tx: an optimizer to use instead of the one ``opt_config`` describes (e.g. to compare with
       ``optax.contrib.sam``); it receives ``grad_fn`` like samjax's transforms do.
+    microbatches: split the (per-device) batch into this many micro-batches, processed one at a
+      time with ``lax.scan`` so activation memory is that of one micro-batch.
+    microbatch_mode: ``'full_batch'``: the ascent direction is the gradient of the whole batch
+      (accumulated), then the phantom gradient is accumulated again; without BatchNorm this equals
+      the un-accumulated step. ``'per_microbatch'``: each micro-batch is perturbed with its own
+      gradient and the phantom gradients are averaged (m-sharpness, m = micro-batch size). With
+      BatchNorm every micro-batch normalises with its own statistics (ghost batch norm) and the
+      running statistics take the mean of the micro-batches' updates.
   Returns:
     The optimizer (for ``create_train_state``) and the jitted step.
   """
@@ -201,13 +307,21 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
     raise ValueError(f'perturbation must be one of {PERTURBATIONS}, got {perturbation!r}.')
   per_device = perturbation == 'per_device'
   axis_name = DATA_AXIS if per_device else None
+  if microbatches < 1:
+    raise ValueError(f'microbatches must be >= 1, got {microbatches}.')
+  if microbatch_mode not in MICROBATCH_MODES:
+    raise ValueError(f'microbatch_mode must be one of {MICROBATCH_MODES}, got {microbatch_mode!r}.')
+  parts, sam_index = optimizer_parts(opt_config, num_train_steps, axis_name=axis_name,
+                                     sync_perturbation=not per_device)
   if tx is None:
-    tx = make_optimizer(opt_config, num_train_steps, axis_name=axis_name,
-                        sync_perturbation=not per_device)
+    tx = optax.chain(*parts)
+  elif microbatch_mode == 'per_microbatch' and microbatches > 1:
+    raise ValueError('per-micro-batch perturbation needs the optimizer that opt_config describes.')
   local = functools.partial(
-      _local_step, loss_fn=make_loss_fn(model), tx=tx,
+      _local_step, loss_fn=make_loss_fn(model), tx=tx, parts=parts, sam_index=sam_index,
       schedule=learning_rate_schedule(opt_config, num_train_steps),
-      uses_sam=opt_config.name != 'sgd', log_diagnostics=log_diagnostics, axis_name=axis_name)
+      uses_sam=opt_config.name != 'sgd', log_diagnostics=log_diagnostics, axis_name=axis_name,
+      microbatches=microbatches, microbatch_mode=microbatch_mode)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
   if per_device:

@@ -232,6 +232,11 @@ def evaluate(model, variables, dataset, config, mesh) -> dict:
   return result
 
 
+def _model_config(config) -> dict:
+  """config.model plus the compute dtype (parameters and optimizer state stay float32)."""
+  return {**config.model.to_dict(), 'dtype': config.get('compute_dtype', 'float32')}
+
+
 def _load_dataset(config):
   """Loads the data set; in a multi-process run process 0 builds it first, alone."""
   if jax.process_count() == 1:
@@ -255,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if os.path.exists(workdir):
     _check_same_config(workdir, config)
   dataset = _load_dataset(config)
-  model = models.create_model(config.model, dataset.num_classes)
+  model = models.create_model(_model_config(config), dataset.num_classes)
   mesh = step_lib.make_mesh()
   is_lead = jax.process_index() == 0
   batches = data_lib.TrainBatches(
@@ -266,7 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, train_step = step_lib.make_train_step(
       model, config.optimizer, num_steps, mesh,
       perturbation=config.get('perturbation', 'sync'),
-      log_diagnostics=config.get('log_diagnostics', True))
+      log_diagnostics=config.get('log_diagnostics', True),
+      microbatches=config.get('microbatches', 1),
+      microbatch_mode=config.get('microbatch_mode', 'full_batch'))
   sample = batches.batch_at(0)['image'][:1]
   init_state = jax.jit(
       lambda rng: step_lib.create_train_state(model, tx, rng, sample),
@@ -367,7 +374,7 @@ def load_run(workdir: str, step: Optional[int] = None):
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   dataset = data_lib.load_dataset(config.data, seed=config.seed)
-  model = models.create_model(config.model, dataset.num_classes)
+  model = models.create_model(_model_config(config), dataset.num_classes)
   tx = step_lib.make_optimizer(config.optimizer, max(int(config.get('num_train_steps', 0)), 1))
   batches = data_lib.TrainBatches(dataset.train, dataset, config.batch_size, seed=config.seed,
                                   augment=False)
