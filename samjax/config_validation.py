@@ -12,6 +12,7 @@ import math
 import numbers
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 OPTIMIZERS = ('sgd', 'sam', 'lsam', 'asam')
 MODELS = ('convnet', 'resnet18')
@@ -57,19 +58,22 @@ def base_train_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'convnet'
-  c.model.init_checkpoint = ''
+  c.model.init_checkpoint = placeholder(str)  # torchvision ResNet-18 state_dict (.pth) or .npz
 
+  # The data fields of samjax.data.default_data_config(), typed so --config.data.x=v parses.
   c.data = ml_collections.ConfigDict()
   c.data.name = 'digits_dominoes'
-  c.data.data_dir = ''
-  c.data.manual_dir = ''
-  c.data.image_size = 0  # 0: native resolution
+  c.data.data_dir = placeholder(str)  # TFDS data_dir; None: TFDS's default
+  c.data.manual_dir = placeholder(str)  # Waterbirds / DomainBed manual downloads
+  c.data.image_size = placeholder(int)  # None: native resolution
   c.data.val_fraction = 0.1
-  c.data.max_train_examples = 0  # 0: all
+  c.data.probe_examples_per_group = placeholder(int)
+  c.data.max_train_examples = placeholder(int)
   c.data.augment = False
   c.data.normalization = 'mean_pixel'
   c.data.domainbed_dataset = 'pacs'
-  c.data.held_out_domain = 'sketch'
+  c.data.held_out_domain = placeholder(str)
+  c.data.domain_test_fraction = 0.2
   return c
 
 
@@ -84,6 +88,8 @@ def _check_keys(config, schema, prefix: str = '') -> None:
       allowed = ', '.join(sorted(schema.keys()))
       _fail(name, f'unknown field; allowed fields here: {allowed}.')
     value, expected = config[key], schema[key]
+    if expected is None or value is None:  # optional fields; their owners check the values
+      continue
     if isinstance(expected, ml_collections.ConfigDict):
       if not isinstance(value, (ml_collections.ConfigDict, dict)):
         _fail(name, 'must be a group of fields.')
@@ -133,15 +139,18 @@ def validate_train_config(config, num_devices: int) -> None:
   _one_of(config, 'microbatch_mode', MICROBATCH_MODES)
   for field in ('optimizer.rho', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',
                 'optimizer.adaptive_eta', 'num_train_steps', 'num_epochs', 'probe_l2',
-                'checkpoint_every_steps', 'data.max_train_examples', 'data.image_size'):
+                'checkpoint_every_steps'):
     _positive(config, field, allow_zero=True)
   for field in ('optimizer.learning_rate', 'batch_size', 'eval_batch_size', 'log_every_steps',
                 'keep_checkpoints', 'microbatches'):
     _positive(config, field)
   if not 0 <= config.optimizer.momentum < 1:
     _fail('optimizer.momentum', f'must be in [0, 1), got {config.optimizer.momentum!r}.')
-  if not 0 < config.data.val_fraction < 1:
-    _fail('data.val_fraction', f'must be in (0, 1), got {config.data.val_fraction!r}.')
+  from samjax.data import validate_data_config  # pylint: disable=g-import-not-at-top
+  try:
+    validate_data_config(config.data)
+  except ValueError as e:
+    raise ValueError(f'config.{e}') from None
   if config.num_train_steps == 0 and config.num_epochs == 0:
     _fail('num_train_steps', 'set num_train_steps or num_epochs to a positive number.')
   per_step = num_devices * config.microbatches

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any, Optional
@@ -106,22 +107,39 @@ def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def _restore_latest(manager: ocp.CheckpointManager, abstract_state) -> tuple[Optional[Any], int]:
-  """Restores the newest readable checkpoint, falling back to older ones with a warning."""
+  """Restores the newest readable checkpoint, falling back to older ones with a warning.
+
+  An unreadable checkpoint is moved aside to ``checkpoints_unreadable/`` (never deleted) so that
+  the run can save that step again.
+  """
   steps = sorted(manager.all_steps(), reverse=True)
-  for i, step in enumerate(steps):
+  unreadable = []
+  restored, restored_step = None, 0
+  for step in steps:
     try:
-      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      restored_step = step
+      break
     except Exception as e:  # a truncated or corrupt checkpoint: try the previous one
       logging.warning('checkpoint at step %d is unreadable (%s: %s); trying an older one',
                       step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
-      continue
-    if i:
-      logging.warning('resumed from step %d, not the newest checkpoint', step)
-    return state, step
-  if steps:
+      unreadable.append(step)
+  if unreadable:
+    if jax.process_index() == 0:
+      quarantine = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_unreadable')
+      os.makedirs(quarantine, exist_ok=True)
+      for step in unreadable:
+        target = os.path.join(quarantine, f'{step}.{int(time.time())}')
+        shutil.move(os.path.join(str(manager.directory), str(step)), target)
+        logging.warning('moved the unreadable checkpoint of step %d to %s', step, target)
+    multihost_utils.sync_global_devices('samjax_checkpoints_quarantined')
+    manager.reload()
+  if restored is None and steps:
     raise ValueError(f'no readable checkpoint in {manager.directory}: all of steps {steps} are '
-                     'corrupt. Remove that folder to start afresh.')
-  return None, 0
+                     'corrupt (moved to checkpoints_unreadable/). Rerun to start afresh.')
+  if unreadable and restored is not None:
+    logging.warning('resumed from step %d, not the newest checkpoint', restored_step)
+  return restored, restored_step
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -395,18 +413,16 @@ def load_run(workdir: str, step: Optional[int] = None):
 
 
 class _SummaryWriter:
-  """TensorBoard scalars through tf.summary (TensorFlow is already a data dependency)."""
+  """TensorBoard scalars (tensorboardX: event files without a TensorFlow summary stack)."""
 
   def __init__(self, logdir: str):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    self._tf = tf
-    self._writer = tf.summary.create_file_writer(logdir)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._writer = SummaryWriter(logdir)
 
   def write(self, step: int, scalars: dict) -> None:
-    with self._writer.as_default():
-      for k, v in scalars.items():
-        if k != 'step':
-          self._tf.summary.scalar(k, v, step=step)
+    for k, v in scalars.items():
+      if k != 'step':
+        self._writer.add_scalar(k, v, global_step=step)
     self._writer.flush()
 
   def close(self) -> None:
