@@ -121,7 +121,8 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state) -> tuple[Opt
       restored_step = step
       break
     except Exception as e:  # a truncated or corrupt checkpoint: try the previous one
-      logging.warning('checkpoint at step %d is unreadable (%s: %s); trying an older one',
+      logging.warning('checkpoint at step %d is unreadable (corrupt, or saved for another '
+                      'device layout: %s: %s); trying an older one',
                       step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
       unreadable.append(step)
   if unreadable:
@@ -398,10 +399,19 @@ def load_run(workdir: str, step: Optional[int] = None):
                                   augment=False)
   sample = batches.batch_at(0)['image'][:1]
   abstract = jax.eval_shape(lambda: step_lib.create_train_state(model, tx, jax.random.key(0), sample))
+  # Restore replicated onto this process's devices, whatever layout the run was saved from.
+  replicated = NamedSharding(step_lib.make_mesh(), P())
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise ValueError(f'{workdir} holds no checkpoint yet.')
   manager = _checkpoint_manager(workdir, config)
   if step is None:
     state, step = _restore_latest(manager, abstract)
   else:
+    if step not in manager.all_steps():
+      raise ValueError(f'{workdir}: no checkpoint at step {step}; saved steps: '
+                       f'{sorted(manager.all_steps())}.')
     state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   manager.close()
   if state is None:
