@@ -41,6 +41,10 @@ from samjax import step as step_lib
 from samjax.config_validation import validate_train_config
 from samjax.io_utils import atomic_write_json
 
+# The data split (validation hold-out, probe subsets) is the same for every training seed, so the
+# spread over seeds measures training randomness alone.
+DATA_SEED = 0
+
 # Fields that may differ between a run and its resumption without changing what it computes.
 RESUMABLE_FIELDS = ('num_train_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
                     'log_every_steps', 'progress_bar')
@@ -259,11 +263,11 @@ def _model_config(config) -> dict:
 def _load_dataset(config):
   """Loads the data set; in a multi-process run process 0 builds it first, alone."""
   if jax.process_count() == 1:
-    return data_lib.load_dataset(config.data, seed=config.seed)
-  dataset = data_lib.load_dataset(config.data, seed=config.seed) if jax.process_index() == 0 else None
+    return data_lib.load_dataset(config.data, seed=DATA_SEED)
+  dataset = data_lib.load_dataset(config.data, seed=DATA_SEED) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices('samjax_dataset_prepared')
   if dataset is None:
-    dataset = data_lib.load_dataset(config.data, seed=config.seed)
+    dataset = data_lib.load_dataset(config.data, seed=DATA_SEED)
   return dataset
 
 
@@ -392,7 +396,7 @@ def load_run(workdir: str, step: Optional[int] = None):
     raise ValueError(f'{workdir} holds no run: {path} is missing.')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  dataset = data_lib.load_dataset(config.data, seed=config.seed)
+  dataset = data_lib.load_dataset(config.data, seed=DATA_SEED)
   model = models.create_model(_model_config(config), dataset.num_classes)
   tx = step_lib.make_optimizer(config.optimizer, max(int(config.get('num_train_steps', 0)), 1))
   batches = data_lib.TrainBatches(dataset.train, dataset, config.batch_size, seed=config.seed,

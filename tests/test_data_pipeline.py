@@ -1,0 +1,314 @@
+"""Tests of the in-memory side of samjax.data: splits, subsets, batches, config validation.
+
+No TFDS building here: every dataset is synthetic and made in memory.
+"""
+
+import numpy as np
+import pytest
+
+from samjax.data import composition
+from samjax.data import pipeline
+from samjax.data.pipeline import FeatureDataset
+from samjax.data.pipeline import Split
+
+
+def make_split(num_examples, image_shape=(8, 6, 3), num_classes=2, num_attributes=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return Split(
+      images=rng.integers(0, 256, (num_examples, *image_shape), dtype=np.uint8),
+      labels=rng.integers(0, num_classes, num_examples).astype(np.int32),
+      attributes=rng.integers(0, num_attributes, num_examples).astype(np.int32),
+      num_classes=num_classes, num_attributes=num_attributes)
+
+
+def make_dataset(train):
+  other = make_split(12, train.images.shape[1:], train.num_classes, train.num_attributes, seed=1)
+  mean, std = pipeline.normalization_constants('mean_pixel', train.images)
+  return FeatureDataset(
+      name='synthetic', train=train, val=other, test=other, probe_train=other, probe_test=other,
+      num_classes=train.num_classes, num_attributes=train.num_attributes, label_feature='a',
+      attribute_feature='b', easy_feature='label', mean=mean, std=std)
+
+
+@pytest.fixture(name='dataset')
+def fixture_dataset():
+  return make_dataset(make_split(103))
+
+
+# ----------------------------------------------------------------------------------------------
+# Split and FeatureDataset.
+
+
+def test_split_groups_and_counts():
+  split = make_split(50)
+  np.testing.assert_array_equal(split.groups, split.labels * 3 + split.attributes)
+  counts = split.group_counts()
+  assert counts.shape == (6,) and counts.sum() == 50
+
+
+def test_split_rejects_wrong_dtypes():
+  split = make_split(5)
+  with pytest.raises(ValueError, match='labels'):
+    Split(split.images, split.labels.astype(np.int64), split.attributes, 2, 3)
+  with pytest.raises(ValueError, match='images'):
+    Split(split.images.astype(np.float32), split.labels, split.attributes, 2, 3)
+
+
+def test_normalize_uses_mean_and_std(dataset):
+  images = dataset.train.images[:4]
+  expected = (images.astype(np.float64) - dataset.mean) / dataset.std
+  np.testing.assert_allclose(dataset.normalize(images), expected, rtol=1e-5, atol=1e-5)
+  assert dataset.normalize(images).dtype == np.float32
+
+
+def test_mean_pixel_constants_match_numpy():
+  images = make_split(40).images
+  mean, std = pipeline.normalization_constants('mean_pixel', images, chunk_size=7)
+  pixels = images.reshape(-1, 3).astype(np.float64)
+  np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(std, pixels.std(0), rtol=1e-5)
+  mean, std = pipeline.normalization_constants('none', images)
+  np.testing.assert_array_equal(mean, 0.0)
+  np.testing.assert_array_equal(std, 255.0)
+  with pytest.raises(ValueError, match='RGB'):
+    pipeline.normalization_constants('imagenet', images[..., :1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic subsets.
+
+
+def test_group_balanced_subset():
+  split = make_split(300)
+  subset = pipeline.group_balanced_subset(split, np.random.default_rng(0))
+  counts = subset.group_counts()
+  assert np.all(counts == split.group_counts().min())
+  capped = pipeline.group_balanced_subset(split, np.random.default_rng(0), max_per_group=5)
+  assert np.all(capped.group_counts() == 5)
+  again = pipeline.group_balanced_subset(split, np.random.default_rng(0), max_per_group=5)
+  np.testing.assert_array_equal(capped.images, again.images)
+
+
+def test_group_balanced_subset_cap_only_keeps_imbalance():
+  split = make_split(300)
+  capped = pipeline.group_balanced_subset(
+      split, np.random.default_rng(0), max_per_group=45, balance=False)
+  np.testing.assert_array_equal(capped.group_counts(), np.minimum(split.group_counts(), 45))
+
+
+def test_group_balanced_subset_raises_on_empty_group():
+  split = make_split(30)
+  split = split.take(np.flatnonzero(split.groups != 0))
+  with pytest.raises(ValueError, match='empty'):
+    pipeline.group_balanced_subset(split, np.random.default_rng(0))
+
+
+def test_holdout_split_is_a_deterministic_partition():
+  split = make_split(50)
+  split = Split(np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1), split.labels,
+                split.attributes, 2, 3)
+  rest, held_out = pipeline.holdout_split(split, 0.1, np.random.default_rng(3))
+  assert len(held_out) == 5 and len(rest) == 45
+  ids = np.concatenate([rest.images.ravel(), held_out.images.ravel()])
+  np.testing.assert_array_equal(np.sort(ids), np.arange(50))
+  _, again = pipeline.holdout_split(split, 0.1, np.random.default_rng(3))
+  np.testing.assert_array_equal(held_out.images, again.images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stacked-pair recipes.
+
+
+def test_correlated_pairs_use_every_image_once():
+  rng = np.random.default_rng(0)
+  top_labels = rng.integers(0, 2, 100)
+  bottom_labels = rng.integers(0, 2, 80)
+  top_pools, = composition.split_class_pools(top_labels, (0, 1), [1.0], rng)
+  bottom_pools, = composition.split_class_pools(bottom_labels, (0, 1), [1.0], rng)
+  top, bottom, classes = composition.correlated_pairs(top_pools, bottom_pools, rng)
+  np.testing.assert_array_equal(top_labels[top], classes)
+  np.testing.assert_array_equal(bottom_labels[bottom], classes)
+  assert len(np.unique(top)) == len(top) and len(np.unique(bottom)) == len(bottom)
+  assert len(top) == sum(min((top_labels == k).sum(), (bottom_labels == k).sum()) for k in (0, 1))
+
+
+def test_balanced_pairs_are_balanced_and_disjoint_across_groups():
+  rng = np.random.default_rng(0)
+  top_labels = rng.integers(0, 5, 400)
+  bottom_labels = rng.integers(0, 3, 300)
+  top_pools, = composition.split_class_pools(top_labels, range(5), [1.0], rng)
+  bottom_pools, = composition.split_class_pools(bottom_labels, range(3), [1.0], rng)
+  top, bottom, top_class, bottom_class = composition.balanced_pairs(top_pools, bottom_pools, rng)
+  np.testing.assert_array_equal(top_labels[top], top_class)
+  np.testing.assert_array_equal(bottom_labels[bottom], bottom_class)
+  counts = np.bincount(top_class * 3 + bottom_class, minlength=15)
+  assert counts.min() == counts.max() > 0
+  assert len(np.unique(top)) == len(top) and len(np.unique(bottom)) == len(bottom)
+  # With a larger count images are re-used, but each stays in one group.
+  top, _, top_class, bottom_class = composition.balanced_pairs(top_pools, bottom_pools, rng, 40)
+  assert np.all(np.bincount(top_class * 3 + bottom_class) == 40)
+  group_of_image = {}
+  for image, group in zip(top, top_class * 3 + bottom_class):
+    assert group_of_image.setdefault(image, group) == group
+
+
+def test_split_class_pools_partition_each_class():
+  labels = np.repeat(np.arange(3), 20)
+  pools = composition.split_class_pools(labels, (0, 2), [0.5, 0.3, 0.2],
+                                        np.random.default_rng(0))
+  for k in (0, 2):
+    members = np.concatenate([p[k] for p in pools])
+    np.testing.assert_array_equal(np.sort(members), np.flatnonzero(labels == k))
+  assert [len(p[0]) for p in pools] == [10, 6, 4]
+  assert 1 not in pools[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# TrainBatches.
+
+
+def test_same_seed_and_step_give_the_same_batch(dataset):
+  first = pipeline.TrainBatches(dataset.train, dataset, 10, seed=7, augment=True)
+  second = pipeline.TrainBatches(dataset.train, dataset, 10, seed=7, augment=True)
+  for step in (0, 3, 25, 11):  # Out of order, across epochs: a resumed run sees the same data.
+    a, b = first.batch_at(step), second.batch_at(step)
+    for key in ('image', 'label', 'attribute'):
+      np.testing.assert_array_equal(a[key], b[key])
+  other_seed = pipeline.TrainBatches(dataset.train, dataset, 10, seed=8, augment=True)
+  assert not np.array_equal(other_seed.global_indices(0), first.global_indices(0))
+
+
+def test_epoch_visits_every_example_once():
+  split = make_split(100)
+  batches = pipeline.TrainBatches(split, make_dataset(split), 10, seed=0, augment=False)
+  assert batches.steps_per_epoch == 10
+  for epoch in range(2):
+    visited = np.concatenate([batches.global_indices(epoch * 10 + s) for s in range(10)])
+    np.testing.assert_array_equal(np.sort(visited), np.arange(100))
+  assert not np.array_equal(batches.global_indices(0), batches.global_indices(10))
+
+
+def test_remainder_is_dropped(dataset):
+  batches = pipeline.TrainBatches(dataset.train, dataset, 10, seed=0, augment=False)
+  assert batches.steps_per_epoch == 10
+  visited = np.concatenate([batches.global_indices(s) for s in range(10)])
+  assert len(np.unique(visited)) == 100
+
+
+def test_batch_contents_match_the_indices(dataset):
+  batches = pipeline.TrainBatches(dataset.train, dataset, 10, seed=1, augment=False)
+  batch = batches.batch_at(4)
+  indices = batches.global_indices(4)
+  np.testing.assert_allclose(batch['image'], dataset.normalize(dataset.train.images[indices]))
+  np.testing.assert_array_equal(batch['label'], dataset.train.labels[indices])
+  np.testing.assert_array_equal(batch['attribute'], dataset.train.attributes[indices])
+  assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int32
+
+
+@pytest.mark.parametrize('augment', [False, True])
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_process_shards_concatenate_to_the_global_batch(dataset, augment, process_count):
+  single = pipeline.TrainBatches(dataset.train, dataset, 20, seed=3, augment=augment)
+  shards = [pipeline.TrainBatches(dataset.train, dataset, 20, seed=3, augment=augment,
+                                  process_index=i, process_count=process_count)
+            for i in range(process_count)]
+  for step in (0, 6):
+    whole = single.batch_at(step)
+    parts = [shard.batch_at(step) for shard in shards]
+    assert parts[0]['image'].shape[0] == 20 // process_count
+    for key in ('image', 'label', 'attribute'):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
+def test_augmentation_is_deterministic_and_changes_images(dataset):
+  batches = pipeline.TrainBatches(dataset.train, dataset, 10, seed=0, augment=True)
+  plain = pipeline.TrainBatches(dataset.train, dataset, 10, seed=0, augment=False)
+  np.testing.assert_array_equal(batches.batch_at(2)['image'], batches.batch_at(2)['image'])
+  assert batches.batch_at(2)['image'].shape == plain.batch_at(2)['image'].shape
+  assert not np.array_equal(batches.batch_at(2)['image'], plain.batch_at(2)['image'])
+  np.testing.assert_array_equal(batches.batch_at(2)['label'], plain.batch_at(2)['label'])
+
+
+def test_random_crop_and_flip():
+  images = np.arange(2 * 4 * 5 * 1, dtype=np.uint8).reshape(2, 4, 5, 1) + 1
+  centred = np.full([2, 2], 2)
+  np.testing.assert_array_equal(
+      pipeline.random_crop_and_flip(images, centred, np.array([False, False]), 2), images)
+  np.testing.assert_array_equal(
+      pipeline.random_crop_and_flip(images, centred, np.array([True, False]), 2)[0],
+      images[0, :, ::-1])
+  shifted = pipeline.random_crop_and_flip(images, np.zeros([2, 2], int), np.zeros(2, bool), 2)
+  np.testing.assert_array_equal(shifted[:, 2:, 2:], images[:, :2, :3])
+  assert np.all(shifted[:, :2] == 0) and np.all(shifted[:, :, :2] == 0)
+
+
+def test_random_crop_and_flip_matches_pad_then_crop():
+  rng = np.random.default_rng(0)
+  images = rng.integers(1, 256, (16, 7, 9, 2), dtype=np.uint8)
+  padding = 3
+  offsets = rng.integers(0, 2 * padding + 1, (16, 2))
+  flips = rng.random(16) < 0.5
+  padded = np.pad(images, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+  expected = np.stack([
+      padded[i, y:y + 7, x:x + 9][:, ::-1 if f else 1]
+      for i, ((y, x), f) in enumerate(zip(offsets, flips))])
+  np.testing.assert_array_equal(
+      pipeline.random_crop_and_flip(images, offsets, flips, padding), expected)
+
+
+def test_train_batches_validate_arguments(dataset):
+  with pytest.raises(ValueError, match='multiple'):
+    pipeline.TrainBatches(dataset.train, dataset, 10, 0, False, process_count=3)
+  with pytest.raises(ValueError, match='exceeds'):
+    pipeline.TrainBatches(dataset.train, dataset, 200, 0, False)
+  with pytest.raises(ValueError, match='process_index'):
+    pipeline.TrainBatches(dataset.train, dataset, 10, 0, False, process_index=2, process_count=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval_batches.
+
+
+def test_eval_batches_pad_the_last_batch():
+  split = make_split(23)
+  dataset = make_dataset(split)
+  batches = list(pipeline.eval_batches(split, dataset, 10))
+  assert [n for _, n in batches] == [10, 10, 3]
+  assert all(b['image'].shape == (10, 8, 6, 3) for b, _ in batches)
+  images = np.concatenate([b['image'][:n] for b, n in batches])
+  np.testing.assert_allclose(images, dataset.normalize(split.images))
+  labels = np.concatenate([b['label'][:n] for b, n in batches])
+  np.testing.assert_array_equal(labels, split.labels)
+  last, _ = batches[-1]
+  np.testing.assert_allclose(last['image'][3:], dataset.normalize(np.zeros((7, 8, 6, 3), np.uint8)))
+  assert np.all(last['label'][3:] == 0) and np.all(last['attribute'][3:] == 0)
+  assert [n for _, n in pipeline.eval_batches(split, dataset, 23)] == [23]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation.
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'name': 'imagenet'}, 'data.name'),
+    ({'name': 'celeb_a', 'normalization': 'zca'}, 'data.normalization'),
+    ({'name': 'celeb_a', 'image_size': 0}, 'data.image_size'),
+    ({'name': 'celeb_a', 'val_fraction': 1.5}, 'data.val_fraction'),
+    ({'name': 'celeb_a', 'augment': 'yes'}, 'data.augment'),
+    ({'name': 'celeb_a', 'batch_size': 3}, 'batch_size'),
+    ({'name': 'domainbed', 'domainbed_dataset': 'terra'}, 'data.domainbed_dataset'),
+    ({'name': 'domainbed', 'held_out_domain': 'painting'}, 'art_painting'),
+    ({'name': 'domainbed', 'domainbed_dataset': 'vlcs'}, 'caltech101'),
+])
+def test_bad_config_fields_raise_value_error(fields, message):
+  with pytest.raises(ValueError, match=message):
+    pipeline.validate_data_config(fields)
+
+
+def test_config_defaults_are_filled_in():
+  config = pipeline.default_data_config()
+  config.name = 'domainbed'
+  config.domainbed_dataset = 'office_home'
+  config.held_out_domain = 'Real World'
+  validated = pipeline.validate_data_config(config)
+  assert validated['val_fraction'] == 0.1 and validated['normalization'] == 'mean_pixel'
