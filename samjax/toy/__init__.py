@@ -1,0 +1,8 @@
+"""The toy study of Springer et al. (2024): easy linear + hard spiral feature, SGD vs LSAM.
+
+``samjax.toy.study.run(config, workdir)`` runs a whole study (see ``configs/toy.py``).
+"""
+
+from samjax.toy.study import run, validate
+
+__all__ = ['run', 'validate']

@@ -1,0 +1,82 @@
+"""The toy study of Springer et al. (2024), Sections 5-6 and Appendix H.
+
+    python -m samjax.main --config=configs/toy.py --workdir=/tmp/toy             # Figs. 1-6
+    python -m samjax.main --config=configs/toy.py:noise --workdir=/tmp/noise     # Fig. 9
+    python -m samjax.main --config=configs/toy.py:batch_size --workdir=/tmp/bs   # Fig. 10
+
+Every run of a sweep is one element of a vmapped, scanned computation (see
+``samjax/toy/study.py``); the product seeds x rhos x complexities (x ratios,
+x noise settings) is the sweep. The constants of the data and the training
+(whose values the paper lost) are documented in ``docs/toy.md``.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None / 'main' (Figs. 1-6), 'noise' (App. H.1) or 'batch_size' (App. H.2)."""
+  config = ml_collections.ConfigDict()
+  config.job = 'toy'
+  config.name = 'main'
+
+  # Sweep. Runs with the same seed share training set, init and batch order.
+  config.seed = 0                     # base key: a run's key is fold_in(key(seed), run seed)
+  config.seeds = (0, 1, 2)
+  config.methods = ('sgd', 'lsam', 'sam', 'iw_only', 'lr_only', 'iw_lr')
+  config.rhos = (0.5, 1.0, 1.5, 2.0, 2.5)       # LSAM radii; SGD is rho = 0
+  config.sam_rhos = (0.1, 0.25, 0.5)            # full SAM's training collapses at 0.75 here
+  config.complexities = (180.0, 360.0, 540.0, 720.0)  # spiral rotation, degrees
+  config.fixed_ratios = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # c = v^_hard / v^_easy
+  config.intervention_complexities = (360.0, 540.0)  # () = all complexities
+
+  # Training (Appendix B: constant lr, batch 5, 300 points, no momentum or weight decay).
+  config.num_train = 300
+  config.batch_size = 5
+  config.batch_sizes = ()             # non-empty: sweep these (SGD, LSAM) instead of batch_size
+  config.learning_rate = 0.05
+  config.num_steps = 3000             # 50 epochs of 60 steps
+  config.eval_every = 200             # steps per scan chunk: probes, snapshots, progress
+  config.hidden = 32                  # width of each 3-layer feature MLP
+  config.head_init = 1.0              # v_easy = v_hard at init
+  config.num_probe = 2000             # fresh points for probe-train and again for probe-test
+
+  # Data constants (Appendix E; the paper's values are lost, these are ours).
+  config.data = ml_collections.ConfigDict()
+  config.data.easy_scale = 1.0
+  config.data.easy_margin = 0.1
+  config.data.hard_scale = 1.0
+  config.data.hard_min_radius = 0.1
+  config.data.hard_noise = 0.03
+
+  # Appendix H corruptions of the training features. Besides the clean data,
+  # every non-zero level of each kind is run alone, for each hard_only value.
+  config.noise = ml_collections.ConfigDict()
+  config.noise.label_noise = ()
+  config.noise.gaussian_noise = ()
+  config.noise.dropout = ()
+  config.noise.hard_only = (False, True)
+
+  # Figures: Figs. 1, 3 and 5 show this complexity and the first seed.
+  config.figure_complexity = 540.0
+
+  if arg in (None, '', 'main'):
+    return config
+  if arg == 'noise':
+    config.name = 'noise'
+    config.methods = ('sgd', 'lsam')
+    config.rhos = (1.0, 2.0, 2.5)
+    config.complexities = (360.0,)
+    config.figure_complexity = 360.0
+    config.noise.label_noise = (0.025, 0.05, 0.1)
+    config.noise.gaussian_noise = (0.1, 0.25, 0.5, 1.0)
+    config.noise.dropout = (0.1, 0.2, 0.4)
+    return config
+  if arg == 'batch_size':
+    config.name = 'batch_size'
+    config.methods = ('sgd', 'lsam')
+    config.rhos = (0.5, 1.0, 1.5, 2.0, 2.5)
+    config.complexities = (360.0,)
+    config.figure_complexity = 360.0
+    config.batch_sizes = (2, 5, 20, 50)
+    return config
+  raise ValueError(f"config: unknown argument {arg!r}; use 'main', 'noise' or 'batch_size'.")

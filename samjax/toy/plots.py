@@ -1,0 +1,473 @@
+"""The toy study's figures (matplotlib, Agg), one function per figure of the paper.
+
+Every function takes ``(config, outputs, records, workdir)`` and returns the
+PNG's path, or ``None`` when the study has no runs for that figure (e.g. no
+interventions in a noise sweep). Means and standard deviations are over seeds.
+Figures 1-6 use the clean data at the first batch size of the sweep.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+
+from samjax import diagnostics  # noqa: E402
+from samjax.toy import metrics as toy_metrics  # noqa: E402
+from samjax.toy import model as toy_model  # noqa: E402
+
+INTERVENTION_TITLES = {'iw_only': 'importance weight only (Eq. 8)',
+                       'lr_only': 'feature learning rates only (Eq. 9)',
+                       'iw_lr': 'both (Eq. 10)'}
+
+
+# ----------------------------------------------------------------------------- selection
+
+def main_batch_size(config) -> int:
+  sizes = tuple(config.batch_sizes) if len(config.batch_sizes) else (config.batch_size,)
+  return int(sizes[0])
+
+
+def select(records: Sequence[dict], **criteria) -> list[dict]:
+  return [r for r in records if all(r[k] == v for k, v in criteria.items())]
+
+
+def clean(records: Sequence[dict], batch_size: int) -> list[dict]:
+  """Runs on clean data at ``batch_size``."""
+  return [r for r in records if r['batch_size'] == batch_size and not r['label_noise']
+          and not r['gaussian_noise'] and not r['dropout']]
+
+
+def mean_std(records: Sequence[dict], field: str) -> tuple[float, float]:
+  values = np.array([r[field] for r in records if r[field] is not None], np.float64)
+  if values.size == 0:
+    return float('nan'), float('nan')
+  return float(values.mean()), float(values.std())
+
+
+def curve(records: Sequence[dict], knob: str, field: str):
+  """``(knob values, means, stds)`` of ``field`` over seeds, sorted by the knob."""
+  knobs = sorted({r[knob] for r in records})
+  stats = [mean_std([r for r in records if r[knob] == k], field) for k in knobs]
+  means, stds = (np.array([s[k] for s in stats]) for k in (0, 1))
+  return np.array(knobs, np.float64), means, stds
+
+
+def rho_curve(records: Sequence[dict], method: str, complexity: float, field: str):
+  """Like :func:`curve` over ``rho`` for ``method``, with SGD as ``rho = 0``."""
+  runs = select(records, method=method, complexity=complexity) + [
+      dict(r, rho=0.0) for r in select(records, method='sgd', complexity=complexity)]
+  return curve(runs, 'rho', field)
+
+
+def nearest(values: Sequence[float], target: float) -> float:
+  values = sorted(set(values))
+  return values[int(np.argmin([abs(v - target) for v in values]))]
+
+
+# Radii at which LSAM no longer fits the training set are excluded from "best":
+# the paper's LSAM fits the labels, and a practitioner would reject such a rho.
+MAX_TRAIN_ERROR = 0.01
+
+
+def best_setting(records: Sequence[dict], knob: str, field: str = 'hard_probe_error',
+                 max_train_error: Optional[float] = MAX_TRAIN_ERROR):
+  """``(knob value, its runs)`` of least mean ``field`` over seeds; ``(None, [])`` if none.
+
+  Only values whose every run has ``train_error <= max_train_error`` compete
+  (all values if none qualifies, or with ``max_train_error=None``). The choice
+  is made on the same test metric it is compared on, an optimistic pick, as
+  in reading the paper's Fig. 2A.
+  """
+  if not records:
+    return None, []
+  values = sorted({r[knob] for r in records})
+  if max_train_error is not None:
+    fitting = [v for v in values if all(r['train_error'] <= max_train_error
+                                        for r in records if r[knob] == v)]
+    values = fitting or values
+  means = [mean_std([r for r in records if r[knob] == v], field)[0] for v in values]
+  best = values[int(np.nanargmin(means))]
+  return best, [r for r in records if r[knob] == best]
+
+
+def figure_runs(config, outputs, records):
+  """Indices of the SGD run and the best-rho LSAM run shown in Figs. 1, 3, 5."""
+  runs = clean(records, main_batch_size(config))
+  lsam = select(runs, method='lsam')
+  if not lsam or not select(runs, method='sgd'):
+    return None
+  complexity = nearest([r['complexity'] for r in lsam], float(config.figure_complexity))
+  rho, _ = best_setting(select(runs, method='lsam', complexity=complexity), 'rho')
+  seed = min(r['seed'] for r in lsam)
+  common = dict(complexity=complexity, seed=seed, batch_size=main_batch_size(config),
+                label_noise=0.0, gaussian_noise=0.0, dropout=0.0, noise_hard_only=False)
+  sgd = outputs.select(method='sgd', **common)
+  best = outputs.select(method='lsam', rho=rho, **common)
+  if not sgd or not best:
+    return None
+  return dict(sgd=sgd[0], lsam=best[0], complexity=complexity, rho=rho, seed=seed)
+
+
+def _save(fig, workdir: str, name: str) -> str:
+  path = os.path.join(workdir, name)
+  fig.savefig(path, dpi=110, bbox_inches='tight')
+  plt.close(fig)
+  return path
+
+
+def _complexity_colors(complexities):
+  cmap = plt.get_cmap('viridis')
+  n = max(len(complexities) - 1, 1)
+  return {c: cmap(0.9 * i / n) for i, c in enumerate(sorted(complexities))}
+
+
+# ----------------------------------------------------------------------------- figures
+
+def fig1_contours(config, outputs, records, workdir) -> Optional[str]:
+  """Fig. 1: phi_easy on the easy plane and phi_hard on the hard plane, SGD vs LSAM."""
+  chosen = figure_runs(config, outputs, records)
+  if chosen is None:
+    return None
+  model = toy_model.DisentangledModel(hidden=int(config.hidden), head_init=float(config.head_init))
+  extent = {0: 1.25 * float(config.data.easy_scale),
+            1: 1.2 * float(config.data.hard_scale) + float(config.data.hard_noise)}
+  fig, axes = plt.subplots(2, 2, figsize=(9, 8.5))
+  for row, (label, index) in enumerate([('SGD', chosen['sgd']),
+                                        (f'LSAM rho={chosen["rho"]:g}', chosen['lsam'])]):
+    evaluation = outputs.evaluations
+    for k, name in enumerate(('easy', 'hard')):
+      ax = axes[row, k]
+      lim = extent[k]
+      grid = np.linspace(-lim, lim, 161)
+      gx, gy = np.meshgrid(grid, grid)
+      x = np.zeros((gx.size, 4), np.float32)
+      x[:, 2 * k], x[:, 2 * k + 1] = gx.ravel(), gy.ravel()
+      _, features = model.apply({'params': outputs.params[index]}, x, return_features=True)
+      phi = np.asarray(features[:, k]).reshape(gx.shape)
+      scale = np.max(np.abs(phi)) or 1.0
+      ax.contourf(gx, gy, phi, levels=21, cmap='RdBu_r', vmin=-scale, vmax=scale)
+      ax.contour(gx, gy, phi, levels=[0.0], colors='k', linewidths=1.2)
+      points = outputs.train_x[index][:, 2 * k:2 * k + 2]
+      labels = outputs.train_y[index]
+      ax.scatter(points[:, 0], points[:, 1], c=np.where(labels > 0, 'tab:red', 'tab:blue'),
+                 s=7, edgecolors='white', linewidths=0.3)
+      error = getattr(evaluation, f'{name}_probe_error')[index, -1]
+      ax.set_title(f'{label}: phi_{name} (probe error {error:.3f})', fontsize=10)
+      ax.set_aspect('equal')
+      ax.set_xlabel(f'x[{2 * k}]')
+      ax.set_ylabel(f'x[{2 * k + 1}]')
+  fig.suptitle(f'Fig. 1: learned features, complexity {chosen["complexity"]:g} deg, '
+               f'seed {chosen["seed"]} (black: phi = 0)')
+  return _save(fig, workdir, 'fig1_feature_contours.png')
+
+
+def fig2a_probe_vs_rho(config, outputs, records, workdir) -> Optional[str]:
+  """Fig. 2A: hard-feature probe error against rho, one line per complexity (rho=0: SGD)."""
+  runs = clean(records, main_batch_size(config))
+  methods = [m for m in ('lsam', 'sam') if select(runs, method=m)]
+  if not methods or not select(runs, method='sgd'):
+    return None
+  complexities = sorted({r['complexity'] for r in select(runs, method='sgd')})
+  colors = _complexity_colors(complexities)
+  fig, axes = plt.subplots(3, len(methods), figsize=(5.5 * len(methods), 10.5), squeeze=False)
+  panels = (('hard_probe_error', 'hard-feature probe error'),
+            ('easy_probe_error', 'easy-feature probe error'),
+            ('train_error', 'training error of f'))
+  for col, method in enumerate(methods):
+    for row, (field, name) in enumerate(panels):
+      ax = axes[row, col]
+      for c in complexities:
+        rhos, means, stds = rho_curve(runs, method, c, field)
+        ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3, color=colors[c],
+                    label=f'{c:g} deg')
+      ax.set_xlabel('rho (0 = SGD)')
+      ax.set_ylabel(name)
+      ax.set_title(f'{method.upper()}: {name}', fontsize=10)
+      ax.grid(alpha=0.3)
+  axes[0, 0].legend(title='complexity', fontsize=8)
+  fig.suptitle('Fig. 2A: probe error vs perturbation radius (mean +- std over seeds)')
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig2a_probe_error_vs_rho.png')
+
+
+def fig2b_ratio_vs_rho(config, outputs, records, workdir) -> Optional[str]:
+  """Fig. 2B: phantom ratio v~_hard/v~_easy vs rho (solid), real ratio v_hard/v_easy (dashed)."""
+  runs = clean(records, main_batch_size(config))
+  if not select(runs, method='lsam') or not select(runs, method='sgd'):
+    return None
+  complexities = sorted({r['complexity'] for r in select(runs, method='lsam')})
+  colors = _complexity_colors(complexities)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for c in complexities:
+    for ax, suffix in zip(axes, ('_of_means', '')):
+      rhos, means, stds = rho_curve(runs, 'lsam', c, 'phantom_ratio' + suffix)
+      ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3, color=colors[c],
+                  label=f'phantom, {c:g} deg')
+      rhos, means, stds = rho_curve(runs, 'lsam', c, 'real_ratio' + suffix)
+      ax.errorbar(rhos, means, yerr=stds, marker='s', capsize=3, color=colors[c], ls='--',
+                  label=f'real, {c:g} deg')
+  axes[0].set_title('ratio of the time-averaged heads')
+  axes[1].set_title('mean over training steps (paper\'s definition)')
+  axes[1].set_yscale('symlog', linthresh=1.0)
+  for ax in axes:
+    ax.set_xlabel('rho (0 = SGD)')
+    ax.set_ylabel('v_hard / v_easy')
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7, ncol=2)
+  fig.suptitle('Fig. 2B: LSAM phantom ratio v~_hard/v~_easy (solid) and real ratio (dashed)')
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig2b_ratio_vs_rho.png')
+
+
+def fig3_lorenz(config, outputs, records, workdir) -> Optional[str]:
+  """Fig. 3: Lorenz curves of real vs phantom importance weights (training set)."""
+  chosen = figure_runs(config, outputs, records)
+  if chosen is None:
+    return None
+  middle = len(outputs.eval_steps) // 2
+  snap = lambda i, field: getattr(outputs.snapshots, field)[i, middle]
+  step = int(outputs.eval_steps[middle])
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+  lsam, sgd = chosen['lsam'], chosen['sgd']
+  panels = [
+      ('same LSAM-trained model',
+       [('real lambda (SGD step)', snap(lsam, 'weight_real'), '-'),
+        ('phantom lambda~ (LSAM step)', snap(lsam, 'weight_phantom'), '--')]),
+      ('each trained by its method',
+       [('SGD model, real lambda', snap(sgd, 'weight_real'), '-'),
+        ('LSAM model, phantom lambda~', snap(lsam, 'weight_phantom'), '--')]),
+  ]
+  for ax, (title, curves) in zip(axes, panels):
+    for label, weights, style in curves:
+      fraction, share = diagnostics.lorenz_curve(weights)
+      gini = float(diagnostics.gini(weights))
+      ax.plot(fraction, share, style, label=f'{label} (Gini {gini:.2f})')
+    ax.plot([0, 1], [0, 1], color='gray', lw=0.8)
+    ax.set_xlabel('fraction of training points (heaviest first)')
+    ax.set_ylabel('fraction of total importance weight held')
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+  fig.suptitle(f'Fig. 3: Lorenz curves at step {step}, complexity {chosen["complexity"]:g}, '
+               f'LSAM rho={chosen["rho"]:g} (diagonal = uniform)')
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig3_lorenz.png')
+
+
+def fig4_lr_scale(config, outputs, records, workdir) -> Optional[str]:
+  """Fig. 4: learning-rate scales v~_easy/v_easy and v~_hard/v_hard vs rho."""
+  runs = clean(records, main_batch_size(config))
+  if not select(runs, method='lsam') or not select(runs, method='sgd'):
+    return None
+  complexities = sorted({r['complexity'] for r in select(runs, method='lsam')})
+  colors = _complexity_colors(complexities)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, (field, name) in zip(axes, (('lr_scale_easy', 'easy'), ('lr_scale_hard', 'hard'))):
+    for c in complexities:
+      rhos, means, stds = rho_curve(runs, 'lsam', c, field)
+      ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3, color=colors[c],
+                  label=f'{c:g} deg')
+    ax.axhline(1.0, color='gray', lw=0.8)
+    ax.set_xlabel('rho (0 = SGD)')
+    ax.set_ylabel(f'v~_{name} / v_{name}')
+    ax.set_title(f'{name} feature')
+    ax.grid(alpha=0.3)
+  axes[0].legend(title='complexity', fontsize=8)
+  fig.suptitle('Fig. 4: learning-rate scaling (mean over steps; mean +- std over seeds)')
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig4_lr_scale.png')
+
+
+def importance_by_contribution(outputs, indices: Sequence[int], num_bins: int = 10):
+  """Median real and phantom weight per equal-count bin of each signed contribution,
+  pooled over the runs ``indices`` and the snapshots of the second half of training
+  (once both features are in use; early on LSAM can hold the easy one back)."""
+  snaps = outputs.snapshots
+  late = slice(len(outputs.eval_steps) // 2, None)
+  pool = lambda field: np.concatenate([getattr(snaps, field)[i, late].ravel() for i in indices])
+  real, phantom = pool('weight_real'), pool('weight_phantom')
+  result = {}
+  for name in ('easy', 'hard'):
+    contribution = pool(f'contribution_{name}')
+    centres, real_medians = toy_metrics.binned_medians(contribution, real, num_bins)
+    _, phantom_medians = toy_metrics.binned_medians(contribution, phantom, num_bins)
+    result[name] = (centres, real_medians, phantom_medians)
+  return result
+
+
+def fig5_importance_bins(config, outputs, records, workdir) -> Optional[str]:
+  """Fig. 5: median importance weight per bin of y v_easy phi_easy and y v_hard phi_hard."""
+  chosen = figure_runs(config, outputs, records)
+  if chosen is None:
+    return None
+  row = outputs.rows[chosen['lsam']]
+  indices = [i for i, r in enumerate(outputs.rows) if r.method == 'lsam' and r.rho == row.rho
+             and r.complexity == row.complexity and r.batch_size == row.batch_size and not r.noisy]
+  binned = importance_by_contribution(outputs, indices)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, name in zip(axes, ('easy', 'hard')):
+    centres, real, phantom = binned[name]
+    ax.semilogy(centres, real, 'o-', label='real lambda = sigma(-y v.Phi)')
+    ax.semilogy(centres, phantom, 's--', label='phantom lambda~ = sigma(-y v~.Phi)')
+    ax.set_xlabel(f'signed contribution y v_{name} phi_{name} (bin median)')
+    ax.set_ylabel('median importance weight')
+    ax.set_title(f'bins of the {name} contribution')
+    ax.grid(alpha=0.3, which='both')
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f'Fig. 5: LSAM rho={chosen["rho"]:g}, complexity {chosen["complexity"]:g}, '
+               f'all seeds, snapshots of the second half of training')
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig5_importance_by_contribution.png')
+
+
+def fig6_interventions(config, outputs, records, workdir) -> Optional[str]:
+  """Fig. 6: hard probe error vs the fixed ratio c for each intervention, LSAM overlaid
+  at its (phantom ratio of means, error) points, SGD as a band."""
+  runs = clean(records, main_batch_size(config))
+  methods = [m for m in INTERVENTION_TITLES if select(runs, method=m)]
+  if not methods:
+    return None
+  complexities = sorted({r['complexity'] for m in methods for r in select(runs, method=m)})
+  fig, axes = plt.subplots(len(complexities), len(methods), figsize=(4.6 * len(methods),
+                                                                      3.8 * len(complexities)),
+                           squeeze=False, sharey=True)
+  for row, c in enumerate(complexities):
+    sgd_mean, sgd_std = mean_std(select(runs, method='sgd', complexity=c), 'hard_probe_error')
+    lsam = select(runs, method='lsam', complexity=c)
+    for col, method in enumerate(methods):
+      ax = axes[row, col]
+      ratios, means, stds = curve(select(runs, method=method, complexity=c), 'fixed_ratio',
+                                  'hard_probe_error')
+      ax.errorbar(ratios, means, yerr=stds, marker='o', capsize=3, label=method)
+      if np.isfinite(sgd_mean):
+        ax.axhline(sgd_mean, color='k', lw=1, label='SGD')
+        ax.axhspan(sgd_mean - sgd_std, sgd_mean + sgd_std, color='k', alpha=0.08)
+      for rho in sorted({r['rho'] for r in lsam}):
+        at_rho = [r for r in lsam if r['rho'] == rho]
+        x, _ = mean_std(at_rho, 'phantom_ratio_of_means')
+        y, _ = mean_std(at_rho, 'hard_probe_error')
+        ax.plot([x], [y], 'r*', ms=9, label='LSAM (phantom ratio of means)' if rho == min(
+            r['rho'] for r in lsam) else None)
+        ax.annotate(f'{rho:g}', (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7,
+                    color='r')
+      # symlog: LSAM's phantom ratio can be <= 0 where v~_easy changes sign on average.
+      ax.set_xscale('symlog', linthresh=0.5)
+      ax.set_xticks(ratios)
+      ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+      ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+      ax.set_xlabel('ratio c = v^_hard / v^_easy')
+      ax.set_title(f'{INTERVENTION_TITLES[method]}\ncomplexity {c:g} deg', fontsize=9)
+      ax.grid(alpha=0.3, which='both')
+      if col == 0:
+        ax.set_ylabel('hard-feature probe error')
+  axes[0, 0].legend(fontsize=7)
+  fig.suptitle('Fig. 6: interventions that fix the ratio, trained with SGD (red: LSAM, by rho)')
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig6_interventions.png')
+
+
+def figH_noise(config, outputs, records, workdir) -> Optional[str]:
+  """Appendix H.1 (Fig. 9): hard probe error vs noise level, per noise kind, rho as lines."""
+  batch_size = main_batch_size(config)
+  runs = [r for r in records if r['batch_size'] == batch_size and r['method'] in ('sgd', 'lsam')]
+  if not any(r['label_noise'] or r['gaussian_noise'] or r['dropout'] for r in runs):
+    return None
+  complexity = nearest([r['complexity'] for r in runs], float(config.figure_complexity))
+  runs = [dict(r, rho=0.0) if r['method'] == 'sgd' else r
+          for r in runs if r['complexity'] == complexity]
+  rhos = sorted({r['rho'] for r in runs})
+  cmap = plt.get_cmap('plasma')
+  colors = {rho: cmap(0.85 * i / max(len(rhos) - 1, 1)) for i, rho in enumerate(rhos)}
+  kinds = (('label_noise', 'feature label noise'), ('gaussian_noise', 'Gaussian noise std'),
+           ('dropout', 'feature dropout'))
+  fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharey=True)
+  for row, hard_only in enumerate((False, True)):
+    for col, (kind, title) in enumerate(kinds):
+      ax = axes[row, col]
+      others = [k for k, _ in kinds if k != kind]
+      for rho in rhos:
+        pts = [r for r in runs if r['rho'] == rho and not any(r[o] for o in others)
+               and (r[kind] == 0 or r['noise_hard_only'] == hard_only)]
+        levels, means, stds = curve(pts, kind, 'hard_probe_error')
+        ax.errorbar(levels, means, yerr=stds, marker='o', capsize=3, color=colors[rho],
+                    label='SGD' if rho == 0 else f'LSAM rho={rho:g}')
+      ax.set_xlabel(title)
+      ax.set_title(f'{title}, {"hard feature only" if hard_only else "both features"}', fontsize=9)
+      ax.grid(alpha=0.3)
+      if col == 0:
+        ax.set_ylabel('hard-feature probe error')
+  axes[0, 0].legend(fontsize=8)
+  fig.suptitle(f'Appendix H.1: noisy training features, complexity {complexity:g} deg')
+  fig.tight_layout()
+  return _save(fig, workdir, 'figH_noise.png')
+
+
+def figH_batch_size(config, outputs, records, workdir) -> Optional[str]:
+  """Appendix H.2 (Fig. 10): hard probe error vs rho, one line per batch size."""
+  sizes = sorted({r['batch_size'] for r in records})
+  if len(sizes) < 2:
+    return None
+  runs = [r for r in records if not (r['label_noise'] or r['gaussian_noise'] or r['dropout'])]
+  complexity = nearest([r['complexity'] for r in runs], float(config.figure_complexity))
+  cmap = plt.get_cmap('cividis')
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for i, b in enumerate(sizes):
+    rhos, means, stds = rho_curve([r for r in runs if r['batch_size'] == b], 'lsam', complexity,
+                                  'hard_probe_error')
+    ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3,
+                color=cmap(0.9 * i / max(len(sizes) - 1, 1)), label=f'batch {b}')
+  ax.set_xlabel('rho (0 = SGD)')
+  ax.set_ylabel('hard-feature probe error')
+  ax.set_title(f'Appendix H.2: batch size, complexity {complexity:g} deg')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, workdir, 'figH_batch_size.png')
+
+
+def fig_learning_curves(config, outputs, records, workdir) -> Optional[str]:
+  """Hard probe error during training, SGD and every LSAM radius (not in the paper)."""
+  runs = clean(records, main_batch_size(config))
+  if not select(runs, method='sgd'):
+    return None
+  complexities = sorted({r['complexity'] for r in select(runs, method='sgd')})
+  steps = outputs.eval_steps
+  fig, axes = plt.subplots(1, len(complexities), figsize=(4.2 * len(complexities), 3.8),
+                           squeeze=False, sharey=True)
+  lsam_rhos = sorted({r['rho'] for r in select(runs, method='lsam')})
+  cmap = plt.get_cmap('plasma')
+  for ax, c in zip(axes[0], complexities):
+    for k, (method, rho) in enumerate([('sgd', 0.0)] + [('lsam', r) for r in lsam_rhos]):
+      pts = [r for r in select(runs, method=method, complexity=c) if r['rho'] == rho]
+      values = np.array([r['hard_probe_error_curve'] for r in pts], np.float64)
+      ax.plot(steps, values.mean(0), color='k' if method == 'sgd' else
+              cmap(0.85 * (k - 1) / max(len(lsam_rhos) - 1, 1)),
+              label='SGD' if method == 'sgd' else f'LSAM {rho:g}')
+    ax.set_title(f'complexity {c:g} deg')
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel('hard-feature probe error (mean over seeds)')
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig_learning_curves.png')
+
+
+FIGURES: tuple[Callable, ...] = (fig1_contours, fig2a_probe_vs_rho, fig2b_ratio_vs_rho,
+                                 fig3_lorenz, fig4_lr_scale, fig5_importance_bins,
+                                 fig6_interventions, figH_noise, figH_batch_size,
+                                 fig_learning_curves)
+
+
+def make_figures(config, outputs, records, workdir: str) -> list[str]:
+  """Draws every figure the study has runs for; returns the PNG paths."""
+  paths = []
+  for draw in FIGURES:
+    path = draw(config, outputs, records, workdir)
+    if path is not None:
+      paths.append(path)
+  return paths

@@ -1,0 +1,434 @@
+"""The toy study (Springer et al., 2024, Sections 5-6, Appendix H) as whole vmapped sweeps.
+
+``run(config, workdir)`` trains every run the config asks for and writes
+``results.json``, the figures and ``report.md`` into ``workdir``:
+
+1. :func:`validate` rejects a bad config with a one-line ``ValueError`` before
+   anything is compiled.
+2. :func:`build_rows` expands the config into a flat list of runs
+   (:class:`RunRow`): method x radius or fixed ratio x complexity x noise
+   setting x batch size x seed.
+3. :func:`run_sweep` groups the runs by what changes the compiled program
+   (the method and the batch size), and runs each group as *one* vmapped,
+   jitted program: radius, ratio, complexity, seed and noise levels are traced
+   array inputs. Steps run in ``lax.scan`` chunks of ``config.eval_every``;
+   between chunks the host updates a tqdm bar, so a group compiles its init
+   and its chunk function once, whatever the number of runs or chunks.
+4. :func:`summarize` reduces each run to the numbers of ``results.json``.
+
+Results are a pure function of the config: every random draw comes from
+``fold_in(key(config.seed), run seed)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from samjax import diagnostics
+from samjax.toy import data as toy_data
+from samjax.toy import train as toy_train
+
+METHODS = toy_train.METHODS
+INTERVENTIONS = tuple(toy_train.INTERVENTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRow:
+  """One run of the study; ``rho`` is None for interventions, ``fixed_ratio`` for the rest."""
+
+  method: str
+  rho: Optional[float]
+  fixed_ratio: Optional[float]
+  complexity: float
+  seed: int
+  batch_size: int
+  label_noise: float = 0.0
+  gaussian_noise: float = 0.0
+  dropout: float = 0.0
+  noise_hard_only: bool = False
+
+  @property
+  def noisy(self) -> bool:
+    return bool(self.label_noise or self.gaussian_noise or self.dropout)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _tuple(value) -> tuple:
+  """A config sequence as a tuple; a scalar (or a string) is a one-element tuple."""
+  return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _fail(field: str, message: str):
+  raise ValueError(f'{field}: {message}')
+
+
+def _field(config, dotted: str):
+  """``config['a']['b']`` for ``'a.b'``; a missing field is a ValueError naming it."""
+  value = config
+  for part in dotted.split('.'):
+    try:
+      value = value[part]
+    except (KeyError, AttributeError, TypeError):
+      _fail(dotted, 'missing from the config (see configs/toy.py)')
+  return value
+
+
+def _numbers(config, name: str, *, minimum: Optional[float] = None, strict: bool = False,
+             below: Optional[float] = None, integer: bool = False,
+             allow_empty: bool = True) -> tuple:
+  """Field ``name`` as a tuple of numbers in range (a scalar is a one-element tuple).
+
+  ``minimum`` is inclusive unless ``strict``; ``below`` is an exclusive upper bound.
+  """
+  values = _tuple(_field(config, name))
+  if not values and not allow_empty:
+    _fail(name, 'the sweep is empty; give at least one value')
+  kind, noun = (numbers.Integral, 'integers') if integer else (numbers.Real, 'numbers')
+  for v in values:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, kind) or not math.isfinite(v):
+      _fail(name, f'expected finite {noun}, got {v!r}')
+    if minimum is not None and (v <= minimum if strict else v < minimum):
+      _fail(name, f'must be {">" if strict else ">="} {minimum}, got {v!r}')
+    if below is not None and v >= below:
+      _fail(name, f'must be < {below}, got {v!r}')
+  return values
+
+
+def validate(config) -> None:
+  """Raises ``ValueError('<field>: <why>')`` for the first bad field; compiles nothing."""
+  methods = _tuple(_field(config, 'methods'))
+  if not methods:
+    _fail('methods', f'the sweep is empty; choose from {", ".join(METHODS)}')
+  for m in methods:
+    if m not in METHODS:
+      _fail('methods', f'unknown method {m!r}; choose from {", ".join(METHODS)}')
+  if len(set(methods)) != len(methods):
+    _fail('methods', f'duplicate methods in {methods}')
+  _numbers(config, 'seed', integer=True, minimum=0)
+  seeds = _numbers(config, 'seeds', integer=True, minimum=0, allow_empty=False)
+  if len(set(seeds)) != len(seeds):
+    _fail('seeds', f'duplicate seeds in {seeds}')
+  _numbers(config, 'complexities', minimum=0, allow_empty=False)
+  _numbers(config, 'rhos', minimum=0, allow_empty='lsam' not in methods)
+  _numbers(config, 'sam_rhos', minimum=0, allow_empty='sam' not in methods)
+  uses_interventions = any(m in INTERVENTIONS for m in methods)
+  _numbers(config, 'fixed_ratios', minimum=0, strict=True, allow_empty=not uses_interventions)
+  _numbers(config, 'intervention_complexities', minimum=0)
+  (num_train,) = _numbers(config, 'num_train', integer=True, minimum=2)
+  for name in ('batch_size', 'batch_sizes'):
+    for b in _numbers(config, name, integer=True, minimum=1):
+      if b > num_train:
+        _fail(name, f'{b} is larger than the training set (num_train={num_train})')
+  _numbers(config, 'learning_rate', minimum=0, strict=True)
+  (num_steps,) = _numbers(config, 'num_steps', integer=True, minimum=1)
+  (eval_every,) = _numbers(config, 'eval_every', integer=True, minimum=1)
+  if num_steps % eval_every:
+    _fail('eval_every', f'{eval_every} does not divide num_steps={num_steps}')
+  _numbers(config, 'hidden', integer=True, minimum=1)
+  # The ratio diagnostics and v^ = ||v|| (1, c) / sqrt(1 + c^2) assume a positive head.
+  _numbers(config, 'head_init', minimum=0, strict=True)
+  _numbers(config, 'num_probe', integer=True, minimum=2)
+  _numbers(config, 'figure_complexity', minimum=0)
+  _numbers(config, 'data.easy_scale', minimum=0, strict=True)
+  _numbers(config, 'data.hard_scale', minimum=0, strict=True)
+  _numbers(config, 'data.easy_margin', minimum=0, below=1)  # latents end at 1
+  _numbers(config, 'data.hard_min_radius', minimum=0, below=1)
+  _numbers(config, 'data.hard_noise', minimum=0)
+  _numbers(config, 'noise.label_noise', minimum=0, below=1 + 1e-12)
+  _numbers(config, 'noise.gaussian_noise', minimum=0)
+  _numbers(config, 'noise.dropout', minimum=0, below=1)  # 1 would drop every feature
+  hard_only = _tuple(_field(config, 'noise.hard_only'))
+  if not hard_only or any(not isinstance(h, (bool, np.bool_)) for h in hard_only):
+    _fail('noise.hard_only', f'expected a non-empty tuple of bools, got {hard_only!r}')
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def noise_settings(config) -> list[tuple[float, float, float, bool]]:
+  """``(label_noise, gaussian_noise, dropout, hard_only)`` settings: clean data, then
+  every non-zero level of each corruption alone, for each ``hard_only`` value."""
+  settings = [(0.0, 0.0, 0.0, False)]
+  for position, name in enumerate(('label_noise', 'gaussian_noise', 'dropout')):
+    for hard_only in _tuple(config.noise.hard_only):
+      for level in _tuple(config.noise[name]):
+        if level > 0:
+          setting = [0.0, 0.0, 0.0, bool(hard_only)]
+          setting[position] = float(level)
+          settings.append(tuple(setting))
+  return settings
+
+
+def build_rows(config) -> list[RunRow]:
+  """The flat list of runs, in a fixed order (a pure function of the config).
+
+  Every method runs at the first batch size; further batch sizes (Appendix
+  H.2 compares SGD and LSAM only) run SGD and LSAM alone, as the other methods'
+  figures use the first batch size.
+  """
+  methods = _tuple(config.methods)
+  batch_sizes = _tuple(config.batch_sizes) or (config.batch_size,)
+  intervention_complexities = (_tuple(config.intervention_complexities)
+                               or _tuple(config.complexities))
+  rows = []
+  for position, batch_size in enumerate(batch_sizes):
+    for method in methods:
+      if position > 0 and method not in ('sgd', 'lsam'):
+        continue
+      if method == 'sgd':
+        knobs = [(0.0, None)]
+      elif method == 'lsam':
+        knobs = [(float(r), None) for r in _tuple(config.rhos)]
+      elif method == 'sam':
+        knobs = [(float(r), None) for r in _tuple(config.sam_rhos)]
+      else:
+        knobs = [(None, float(c)) for c in _tuple(config.fixed_ratios)]
+      complexities = (intervention_complexities if method in INTERVENTIONS
+                      else _tuple(config.complexities))
+      for label, gauss, drop, hard_only in noise_settings(config):
+        for rho, ratio in knobs:
+          for complexity in complexities:
+            for seed in _tuple(config.seeds):
+              rows.append(RunRow(method, rho, ratio, float(complexity), int(seed),
+                                 int(batch_size), label, gauss, drop, hard_only))
+  return rows
+
+
+def data_constants(config) -> toy_data.ToyDataConstants:
+  return toy_data.ToyDataConstants(**{k: float(config.data[k])
+                                      for k in toy_data.ToyDataConstants._fields})
+
+
+def train_setup(config, method: str, batch_size: int) -> toy_train.TrainSetup:
+  return toy_train.TrainSetup(
+      method=method, hidden=int(config.hidden), head_init=float(config.head_init),
+      learning_rate=float(config.learning_rate), batch_size=int(batch_size),
+      num_train=int(config.num_train), num_probe=int(config.num_probe),
+      data=data_constants(config), base_seed=int(config.seed))
+
+
+def run_specs(rows: Sequence[RunRow]) -> toy_train.RunSpec:
+  """The traced inputs of a group of runs, stacked along axis 0."""
+
+  def column(get, dtype=np.float32):
+    return jnp.asarray(np.array([get(r) for r in rows], dtype))
+
+  return toy_train.RunSpec(
+      seed=column(lambda r: r.seed, np.int32),
+      rho=column(lambda r: r.rho or 0.0),
+      fixed_ratio=column(lambda r: r.fixed_ratio or 1.0),
+      complexity=column(lambda r: r.complexity),
+      corruption=toy_data.Corruption(
+          label_noise=column(lambda r: r.label_noise),
+          gaussian_noise=column(lambda r: r.gaussian_noise),
+          dropout=column(lambda r: r.dropout),
+          hard_only=column(lambda r: float(r.noise_hard_only))))
+
+
+@dataclasses.dataclass
+class StudyOutputs:
+  """Everything the runs produced, stacked over runs in ``rows`` order (numpy).
+
+  Attributes:
+    rows: the runs.
+    eval_steps: ``[S]`` steps after which each evaluation and snapshot was taken.
+    evaluations: :class:`~samjax.toy.train.Evaluation` of ``[R, S]`` arrays.
+    stats: :class:`~samjax.toy.train.StepStats` of ``[R, num_steps]`` arrays.
+    snapshots: :class:`~samjax.toy.train.Snapshot` of ``[R, S, num_train]`` arrays.
+    params: final parameters of each run.
+    train_x, train_y: each run's training set, ``[R, num_train, 4]``, ``[R, num_train]``.
+  """
+
+  rows: list[RunRow]
+  eval_steps: np.ndarray
+  evaluations: toy_train.Evaluation
+  stats: toy_train.StepStats
+  snapshots: toy_train.Snapshot
+  params: list[Any]
+  train_x: np.ndarray
+  train_y: np.ndarray
+
+  def select(self, **criteria) -> list[int]:
+    """Indices of the runs whose fields equal ``criteria`` (e.g. ``method='sgd'``)."""
+    return [i for i, r in enumerate(self.rows)
+            if all(getattr(r, k) == v for k, v in criteria.items())]
+
+
+def _group_rows(rows: Sequence[RunRow]) -> dict[tuple[str, int], list[int]]:
+  """Run indices per compiled program: ``(method, batch_size)``."""
+  groups: dict[tuple[str, int], list[int]] = {}
+  for i, r in enumerate(rows):
+    groups.setdefault((r.method, r.batch_size), []).append(i)
+  return groups
+
+
+def _stack(trees: Sequence[Any], axis: int):
+  return jax.tree.map(lambda *a: np.concatenate(a, axis=axis), *trees)
+
+
+def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
+              progress: bool = True) -> StudyOutputs:
+  """Trains every run; one compiled (init, chunk) pair per (method, batch size).
+
+  Args:
+    config: a validated config.
+    rows: the runs (default :func:`build_rows` of the config).
+    progress: show a tqdm bar (updated after every chunk of every group).
+  """
+  rows = list(build_rows(config) if rows is None else rows)
+  num_steps, eval_every = int(config.num_steps), int(config.eval_every)
+  num_chunks = num_steps // eval_every
+  groups = _group_rows(rows)
+  per_run: list[Any] = [None] * len(rows)
+  bar = tqdm(total=len(rows) * num_steps, unit='step', unit_scale=True, disable=not progress,
+             desc='toy study', dynamic_ncols=True)
+  with bar:
+    for (method, batch_size), indices in groups.items():
+      bar.set_postfix_str(f'{method} batch {batch_size}: {len(indices)} runs')
+      setup = train_setup(config, method, batch_size)
+      init, chunk = toy_train.compiled_sweep_fns(setup, eval_every)
+      specs = run_specs([rows[i] for i in indices])
+      state, run_data = init(specs)
+      results = []
+      for _ in range(num_chunks):
+        state, result = chunk(state, run_data, specs)
+        results.append(jax.device_get(result))
+        bar.update(len(indices) * eval_every)
+      stats = _stack([r.stats for r in results], axis=1)                  # [G, T]
+      snapshots = jax.tree.map(lambda *a: np.stack(a, axis=1),
+                               *[r.snapshot for r in results])            # [G, S, N]
+      evaluations = jax.tree.map(lambda *a: np.stack(a, axis=1),
+                                 *[r.evaluation for r in results])        # [G, S]
+      params = jax.device_get(state.params)
+      train_x, train_y = np.asarray(run_data.train_x), np.asarray(run_data.train_y)
+      for g, i in enumerate(indices):
+        take = lambda tree, g=g: jax.tree.map(lambda a: a[g], tree)
+        per_run[i] = (take(stats), take(snapshots), take(evaluations), take(params),
+                      train_x[g], train_y[g])
+  stats, snapshots, evaluations, params, train_x, train_y = zip(*per_run)
+  stack0 = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
+  return StudyOutputs(rows=rows, eval_steps=eval_every * np.arange(1, num_chunks + 1),
+                      evaluations=stack0(evaluations), stats=stack0(stats),
+                      snapshots=stack0(snapshots), params=list(params),
+                      train_x=np.stack(train_x), train_y=np.stack(train_y))
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def _finite(x) -> Optional[float]:
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def summarize(config, outputs: StudyOutputs) -> list[dict]:
+  """One ``results.json`` record per run.
+
+  Step statistics are averaged over all training steps. ``phantom_ratio`` is
+  the mean of ``v~_hard / v~_easy`` over steps (the paper's Fig. 2B / Fig. 6
+  quantity); ``phantom_ratio_of_means`` is ``mean(v~_hard) / mean(v~_easy)``,
+  the ratio of the time-averaged phantom head, which stays meaningful when
+  ``v~_easy`` passes through zero (``rho`` close to ``v_easy``, where the mean
+  of the ratio is dominated by a few steps). ``real_ratio`` and
+  ``real_ratio_of_means`` are the same for ``v``. Gini coefficients are
+  averaged over the snapshots (every ``eval_every`` steps).
+  """
+  records = []
+  # [R, S]: the Gini coefficient of every snapshot, in one vmapped call
+  gini_real, gini_phantom = (np.asarray(_batched_gini(getattr(outputs.snapshots, field)))
+                             for field in ('weight_real', 'weight_phantom'))
+  for i, row in enumerate(outputs.rows):
+    stats = jax.tree.map(lambda a: a[i], outputs.stats)
+    final = jax.tree.map(lambda a: a[i, -1], outputs.evaluations)
+    records.append({
+        'method': row.method,
+        'rho': row.rho,
+        'fixed_ratio': row.fixed_ratio,
+        'complexity': row.complexity,
+        'seed': row.seed,
+        'steps': int(config.num_steps),
+        'batch_size': row.batch_size,
+        'label_noise': row.label_noise,
+        'gaussian_noise': row.gaussian_noise,
+        'dropout': row.dropout,
+        'noise_hard_only': row.noise_hard_only,
+        'hard_probe_error': _finite(final.hard_probe_error),
+        'easy_probe_error': _finite(final.easy_probe_error),
+        'train_error': _finite(final.train_error),
+        'test_error': _finite(final.test_error),
+        'phantom_ratio': _finite(np.mean(stats.phantom_ratio)),
+        'phantom_ratio_of_means': _finite(np.mean(stats.phantom_hard)
+                                          / np.mean(stats.phantom_easy)),
+        'real_ratio': _finite(np.mean(stats.real_ratio)),
+        'real_ratio_of_means': _finite(np.mean(stats.real_hard) / np.mean(stats.real_easy)),
+        'lr_scale_easy': _finite(np.mean(stats.lr_scale_easy)),
+        'lr_scale_hard': _finite(np.mean(stats.lr_scale_hard)),
+        'gini_real': _finite(np.mean(gini_real[i])),
+        'gini_phantom': _finite(np.mean(gini_phantom[i])),
+        'hard_probe_error_curve': [_finite(e) for e in outputs.evaluations.hard_probe_error[i]],
+        'easy_fit_step': easy_fit_step(outputs, i),
+    })
+  return records
+
+
+def easy_fit_step(outputs: StudyOutputs, index: int, margin: float = 1.0) -> Optional[int]:
+  """First snapshot step at which the easy feature alone fits most training points:
+  the median of ``y v_easy phi_easy`` exceeds ``margin``. ``None`` if it never does.
+
+  It shows *when* the easy feature is learned: LSAM with ``rho`` above the
+  initial ``v_easy`` flips the sign of ``v~_easy`` early on, which holds the
+  easy feature back while the hard one learns (see docs/toy.md).
+  """
+  medians = np.median(outputs.snapshots.contribution_easy[index], axis=-1)
+  above = np.flatnonzero(medians > margin)
+  return int(outputs.eval_steps[above[0]]) if above.size else None
+
+
+@jax.jit
+def _batched_gini(weights: jax.Array) -> jax.Array:
+  """``diagnostics.gini`` over the last axis of ``weights [..., n]``."""
+  flat = weights.reshape(-1, weights.shape[-1])
+  return jax.vmap(diagnostics.gini)(flat).reshape(weights.shape[:-1])
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def _json_config(config) -> dict:
+  to_dict = getattr(config, 'to_dict', None)
+  return json.loads(json.dumps(to_dict() if to_dict else dict(config), default=list))
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the study of ``config`` and writes results.json, figures (PNG) and report.md.
+
+  Returns:
+    ``{'results': path, 'report': path, 'figures': [paths], 'num_runs': int,
+    'wall_time_s': float}``.
+  """
+  validate(config)
+  from samjax.toy import plots, report  # matplotlib only once the config is valid
+
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  outputs = run_sweep(config)
+  train_time = time.perf_counter() - start
+  records = summarize(config, outputs)
+  results_path = os.path.join(workdir, 'results.json')
+  with open(results_path, 'w') as f:
+    json.dump({'config': _json_config(config), 'runs': records}, f, indent=1, allow_nan=False)
+  figures = plots.make_figures(config, outputs, records, workdir)
+  wall_time = time.perf_counter() - start
+  report_path = report.write_report(config, outputs, records, figures, workdir,
+                                    train_time_s=train_time, wall_time_s=wall_time)
+  return {'results': results_path, 'report': report_path, 'figures': figures,
+          'num_runs': len(records), 'wall_time_s': wall_time}

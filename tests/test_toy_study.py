@@ -1,0 +1,157 @@
+"""The toy study driver: config validation, the run list, and a tiny end-to-end run."""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import pytest
+
+from samjax.toy import study
+from samjax.toy import train as toy_train
+
+CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'toy.py'
+
+
+def get_config(arg=None):
+  spec = importlib.util.spec_from_file_location('toy_config', CONFIG_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_config():
+  """SGD, LSAM and one intervention (enough for every figure; the other methods'
+  steps are tested in test_toy_train), one noisy setting of each kind and two
+  batch sizes, a few steps: five compilations in all."""
+  config = get_config()
+  config.methods = ('sgd', 'lsam', 'iw_lr')
+  config.seeds = (0, 1)
+  config.rhos = (1.0, 2.0)
+  config.complexities = (180.0, 540.0)
+  config.fixed_ratios = (1.0, 8.0)
+  config.intervention_complexities = (540.0,)
+  config.num_train = 20
+  config.batch_sizes = (5, 10)
+  config.num_steps = 6
+  config.eval_every = 3
+  config.hidden = 4
+  config.num_probe = 32
+  config.noise.label_noise = (0.1,)
+  config.noise.gaussian_noise = (0.5,)
+  config.noise.dropout = (0.2,)
+  config.noise.hard_only = (True,)
+  return config
+
+
+@pytest.mark.parametrize('arg', [None, 'main', 'noise', 'batch_size'])
+def test_configs_are_valid(arg):
+  config = get_config(arg)
+  assert config.job == 'toy'
+  study.validate(config)
+  rows = study.build_rows(config)
+  assert rows and len(set(rows)) == len(rows)
+
+
+def test_default_config_covers_the_issue():
+  config = get_config()
+  assert {'sgd', 'lsam', 'sam', 'iw_only', 'lr_only', 'iw_lr'} <= set(config.methods)
+  assert len(config.rhos) >= 5 and len(config.complexities) >= 4 and len(config.seeds) >= 3
+  assert config.batch_size == 5 and config.num_train == 300
+
+
+def test_unknown_config_argument():
+  with pytest.raises(ValueError, match='unknown argument'):
+    get_config('bogus')
+
+
+def _with(config, field, value):
+  node, *path = field.split('.')
+  if path:
+    config[node][path[0]] = value
+  else:
+    config[node] = value
+  return config
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('methods', ('sgd', 'adam'), r"^methods: unknown method 'adam'"),
+    ('methods', (), r'^methods: the sweep is empty'),
+    ('rhos', (0.5, -0.1), r'^rhos: must be >= 0'),
+    ('sam_rhos', (-1.0,), r'^sam_rhos: must be >= 0'),
+    ('batch_size', 301, r'^batch_size: 301 is larger than the training set'),
+    ('batch_sizes', (5, 500), r'^batch_sizes: 500 is larger than the training set'),
+    ('seeds', (), r'^seeds: the sweep is empty'),
+    ('complexities', (), r'^complexities: the sweep is empty'),
+    ('fixed_ratios', (), r'^fixed_ratios: the sweep is empty'),
+    ('fixed_ratios', (0.0,), r'^fixed_ratios: must be > 0'),
+    ('eval_every', 7, r'^eval_every: 7 does not divide num_steps'),
+    ('learning_rate', 0.0, r'^learning_rate: must be > 0'),
+    ('noise.dropout', (1.0,), r'^noise.dropout: must be < 1'),
+    ('data.easy_margin', 1.5, r'^data.easy_margin: must be < 1'),
+])
+def test_bad_config_raises_before_compiling(monkeypatch, tmp_path, field, value, message):
+  def no_compiling(*args, **kwargs):
+    raise AssertionError('compiled before validating')
+
+  monkeypatch.setattr(toy_train, 'compiled_sweep_fns', no_compiling)
+  config = _with(get_config(), field, value)
+  with pytest.raises(ValueError, match=message) as error:
+    study.run(config, str(tmp_path))
+  assert '\n' not in str(error.value)
+  assert not list(tmp_path.iterdir())
+
+
+def test_missing_field_is_named():
+  config = get_config()
+  del config['rhos']
+  with pytest.raises(ValueError, match=r'^rhos: missing'):
+    study.validate(config)
+
+
+def test_rows_are_the_product_of_the_sweep():
+  config = tiny_config()
+  rows = study.build_rows(config)
+  seeds, noise, complexities = len(config.seeds), 4, 2  # noise: clean + 3 kinds
+  first_batch = (1 + len(config.rhos)) * complexities + len(config.fixed_ratios) * 1
+  other_batches = (1 + len(config.rhos)) * complexities  # SGD and LSAM only
+  assert len(rows) == (first_batch + other_batches) * seeds * noise
+  assert {r.method for r in rows} == set(config.methods)
+  assert {r.batch_size for r in rows if r.method == 'iw_lr'} == {5}
+  assert all(r.rho is None for r in rows if r.method in study.INTERVENTIONS)
+  assert all(r.fixed_ratio is None for r in rows if r.method not in study.INTERVENTIONS)
+
+
+def test_run_writes_every_output(tmp_path):
+  config = tiny_config()
+  out = study.run(config, str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    results = json.load(f)
+  assert results['config']['job'] == 'toy'
+  assert results['config']['rhos'] == [1.0, 2.0]
+  runs = results['runs']
+  assert len(runs) == out['num_runs'] == len(study.build_rows(config))
+  keys = {'method', 'rho', 'fixed_ratio', 'complexity', 'seed', 'steps', 'hard_probe_error',
+          'easy_probe_error', 'train_error', 'phantom_ratio', 'real_ratio', 'lr_scale_easy',
+          'lr_scale_hard', 'gini_real', 'gini_phantom'}
+  for run in runs:
+    assert keys <= set(run)
+    assert run['steps'] == 6
+    assert 0.0 <= run['hard_probe_error'] <= 1.0 and 0.0 <= run['gini_real'] <= 1.0
+    assert len(run['hard_probe_error_curve']) == 2
+  assert {r['method'] for r in runs} == set(config.methods)
+  sgd = [r for r in runs if r['method'] == 'sgd']
+  assert all(r['phantom_ratio'] == r['real_ratio'] for r in sgd)
+  assert all(r['fixed_ratio'] is not None for r in runs if r['method'] == 'iw_lr')
+  expected = {'fig1_feature_contours.png', 'fig2a_probe_error_vs_rho.png',
+              'fig2b_ratio_vs_rho.png', 'fig3_lorenz.png', 'fig4_lr_scale.png',
+              'fig5_importance_by_contribution.png', 'fig6_interventions.png', 'figH_noise.png',
+              'figH_batch_size.png', 'fig_learning_curves.png'}
+  assert {os.path.basename(p) for p in out['figures']} == expected
+  for name in expected:
+    assert (tmp_path / name).stat().st_size > 10_000
+  report = (tmp_path / 'report.md').read_text()
+  for name in expected:
+    assert f']({name})' in report
+  for verdict_row in ('Fig. 2A', 'Fig. 3', 'Fig. 6', 'App. H.1', 'App. H.2'):
+    assert verdict_row in report

@@ -1,0 +1,267 @@
+"""The toy's update rules against their equations, and the vmapped sweep against single runs.
+
+Every function under test is jitted once per static setup and shared across
+tests: on CPU, compiling a whole function is much cheaper than compiling each
+of its operations eagerly.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import samjax
+from samjax.toy import data as toy_data
+from samjax.toy import metrics as toy_metrics
+from samjax.toy import model as toy_model
+from samjax.toy import probe as toy_probe
+from samjax.toy import train as toy_train
+
+LR = 0.1
+RHO = 0.7
+RATIO = 3.0
+
+
+def make_setup(method):
+  return toy_train.TrainSetup(method=method, hidden=8, learning_rate=LR, batch_size=5,
+                              num_train=10, num_probe=64)
+
+
+def make_spec(seed=0, rho=RHO, ratio=RATIO, complexity=360.0):
+  f = jnp.float32
+  return toy_train.RunSpec(seed=jnp.int32(seed), rho=f(rho), fixed_ratio=f(ratio),
+                           complexity=f(complexity), corruption=toy_data.Corruption.clean())
+
+
+params_and_data = jax.jit(toy_train.init_params_and_data, static_argnums=1,
+                          compiler_options={'xla_backend_optimization_level': 0})
+train_step = jax.jit(toy_train.train_step, static_argnums=3)
+batch_at = jax.jit(toy_train.batch_at, static_argnums=2)
+
+
+def loss(params, x, y, setup):
+  return toy_train.batch_loss(params, x, y, setup)
+
+
+grad_loss = jax.jit(jax.grad(loss), static_argnums=3)
+
+
+def initial(method, spec=None, head=(1.3, 0.4)):
+  """A fresh run with its head moved away from (1, 1), and its first batch."""
+  setup = make_setup(method)
+  spec = make_spec() if spec is None else spec
+  params, data = params_and_data(spec, make_setup('sgd'))  # the same for every method
+  if head is not None:
+    params = toy_model.with_head_weights(params, jnp.array(head))
+  state = toy_train.init_state(params, spec, setup)
+  x, y = batch_at(data, state.step, setup)
+  return setup, spec, state, data, x, y
+
+
+def assert_trees_close(a, b, **kwargs):
+  kwargs = {'rtol': 1e-5, 'atol': 1e-6, **kwargs}
+  jax.tree.map(lambda u, w: np.testing.assert_allclose(u, w, **kwargs), a, b)
+
+
+def descent(params, grads):
+  return jax.tree.map(lambda p, g: p - LR * g, params, grads)
+
+
+def test_model_head_is_v_and_f_is_v_dot_phi():
+  setup, _, state, _, x, _ = initial('sgd')
+  logits, features = setup.model.apply({'params': state.params}, x, return_features=True)
+  v = toy_model.head_weights(state.params)
+  np.testing.assert_allclose(logits, features @ v, rtol=1e-5, atol=1e-6)
+  mask = samjax.head_mask(state.params)
+  assert jax.tree.leaves(mask['head']) == [True]
+  assert not any(jax.tree.leaves(mask['phi_easy'])) and not any(jax.tree.leaves(mask['phi_hard']))
+
+
+def test_sgd_step_is_plain_gradient_descent():
+  setup, spec, state, data, x, y = initial('sgd')
+  new_state, stats = train_step(state, data, spec, setup)
+  assert_trees_close(new_state.params, descent(state.params, grad_loss(state.params, x, y, setup)))
+  np.testing.assert_allclose(stats.phantom_ratio, stats.real_ratio)
+  np.testing.assert_allclose([stats.lr_scale_easy, stats.lr_scale_hard], [1.0, 1.0])
+
+
+def test_lsam_step_equals_the_phantom_equations():
+  """v~ = v + rho g_v / ||g_v||; every parameter steps along grad L_B(theta, v~) (Eq. 5)."""
+  setup, spec, state, data, x, y = initial('lsam')
+  new_state, stats = train_step(state, data, spec, setup)
+  params = state.params
+  g_v = toy_model.head_weights(grad_loss(params, x, y, setup))
+  v = toy_model.head_weights(params)
+  v_phantom = v + RHO * g_v / jnp.linalg.norm(g_v)
+  phantom_grads = grad_loss(toy_model.with_head_weights(params, v_phantom), x, y, setup)
+  assert_trees_close(new_state.params, descent(params, phantom_grads))
+  # the representation's gradient really is taken at v~, not at v
+  plain = grad_loss(params, x, y, setup)
+  assert not np.allclose(phantom_grads['phi_hard']['dense_0']['kernel'],
+                         plain['phi_hard']['dense_0']['kernel'], rtol=1e-3)
+  # the step's statistics describe this very phantom
+  np.testing.assert_allclose(stats.phantom_ratio, v_phantom[1] / v_phantom[0], rtol=1e-5)
+  np.testing.assert_allclose(stats.lr_scale_easy, v_phantom[0] / v[0], rtol=1e-5)
+  np.testing.assert_allclose(stats.lr_scale_hard, v_phantom[1] / v[1], rtol=1e-5)
+  np.testing.assert_allclose(stats.real_ratio, v[1] / v[0], rtol=1e-6)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def toy_and_reference_lsam_updates(params, x, y, setup, rho):
+  grad_fn = lambda p: jax.grad(loss)(p, x, y, setup)
+  updates = []
+  for tx in (toy_train.make_optimizer(setup, rho), optax.chain(samjax.lsam(rho), optax.sgd(LR))):
+    updates.append(tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)[0])
+  return updates
+
+
+def test_lsam_goes_through_the_samjax_optax_chain():
+  setup, spec, state, _, x, y = initial('lsam')
+  toy, reference = toy_and_reference_lsam_updates(state.params, x, y, setup, spec.rho)
+  assert_trees_close(toy, reference, rtol=0, atol=0)
+
+
+def test_sam_step_perturbs_every_parameter():
+  setup, spec, state, data, x, y = initial('sam', spec=make_spec(rho=0.2))
+  new_state, _ = train_step(state, data, spec, setup)
+  grads = grad_loss(state.params, x, y, setup)
+  norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+  phantom = jax.tree.map(lambda p, g: p + 0.2 * g / norm, state.params, grads)
+  expected = descent(state.params, grad_loss(phantom, x, y, setup))
+  assert_trees_close(new_state.params, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fixed_ratio_head_fixes_the_ratio_and_keeps_the_norm():
+  v = jnp.array([2.0, 0.5])
+  v_hat = toy_train.fixed_ratio_head(v, jnp.float32(4.0))
+  np.testing.assert_allclose(v_hat[1] / v_hat[0], 4.0, rtol=1e-6)
+  np.testing.assert_allclose(jnp.linalg.norm(v_hat), jnp.linalg.norm(v), rtol=1e-6)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def implemented_intervention_grads(params, x, y, setup, ratio):
+  """``{method: toy_train.intervention_grads}`` for the three interventions."""
+  return {m: toy_train.intervention_grads(params, x, y, ratio, fix_importance=flags[0],
+                                          fix_feature_lr=flags[1], setup=setup)
+          for m, flags in toy_train.INTERVENTIONS.items()}
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def equation_intervention_grads(params, x, y, setup, ratio):
+  """Eqs. 8-10 written out with per-example Jacobians of phi; the head's gradient is
+  the ordinary -y sigma(-y v.Phi) Phi (see samjax/toy/train.py)."""
+  v = toy_model.head_weights(params)
+  v_hat = jnp.linalg.norm(v) * jnp.array([1.0, ratio]) / jnp.sqrt(1 + ratio**2)
+
+  def features(p, xi):
+    return setup.model.apply({'params': p}, xi[None], return_features=True)[1][0]  # [2]
+
+  def per_example(xi, yi, w_iw, w_lr):
+    phi = features(params, xi)
+    jac = jax.jacrev(features)(params, xi)  # leaves [2, ...]: grad phi_easy, grad phi_hard
+    importance = jax.nn.sigmoid(-yi * jnp.dot(w_iw, phi))
+    grads = jax.tree.map(lambda j: -yi * importance * (w_lr[0] * j[0] + w_lr[1] * j[1]), jac)
+    grads['head'] = {'kernel': (-yi * jax.nn.sigmoid(-yi * jnp.dot(v, phi)) * phi)[:, None]}
+    return grads
+
+  heads = {'iw_only': (v_hat, v), 'lr_only': (v, v_hat), 'iw_lr': (v_hat, v_hat),
+           'neither': (v, v)}
+  batch = jax.vmap(per_example, in_axes=(0, 0, None, None))
+  return {method: jax.tree.map(lambda g: jnp.mean(g, axis=0), batch(x, y, w_iw, w_lr))
+          for method, (w_iw, w_lr) in heads.items()}
+
+
+def test_intervention_gradients_match_their_equations():
+  setup, _, state, _, x, y = initial('iw_lr')
+  got = implemented_intervention_grads(state.params, x, y, setup, jnp.float32(RATIO))
+  want = equation_intervention_grads(state.params, x, y, setup, jnp.float32(RATIO))
+  plain = grad_loss(state.params, x, y, setup)
+  # the equation with nothing fixed is the logistic-loss gradient (Eq. 6)
+  assert_trees_close(want['neither'], plain, rtol=1e-4, atol=1e-6)
+  for method in toy_train.INTERVENTIONS:
+    assert_trees_close(got[method], want[method], rtol=1e-4, atol=1e-6)
+    # ... and differs from the plain gradient, so the comparison can fail
+    assert not np.allclose(got[method]['phi_hard']['dense_2']['kernel'],
+                           plain['phi_hard']['dense_2']['kernel'], rtol=1e-3)
+
+
+def test_intervention_at_the_real_ratio_is_sgd():
+  setup, _, state, _, x, y = initial('iw_lr')
+  v = toy_model.head_weights(state.params)
+  got = implemented_intervention_grads(state.params, x, y, setup, v[1] / v[0])
+  for method in toy_train.INTERVENTIONS:
+    assert_trees_close(got[method], grad_loss(state.params, x, y, setup), rtol=1e-4, atol=1e-7)
+
+
+def test_intervention_step_uses_its_gradient():
+  setup, spec, state, data, x, y = initial('lr_only')
+  new_state, stats = train_step(state, data, spec, setup)
+  grads = implemented_intervention_grads(state.params, x, y, setup, spec.fixed_ratio)['lr_only']
+  assert_trees_close(new_state.params, descent(state.params, grads))
+  np.testing.assert_allclose(stats.phantom_ratio, RATIO, rtol=1e-5)
+
+
+def test_batches_cover_each_epoch_once():
+  setup, _, _, data, _, _ = initial('sgd')
+  epoch = [np.asarray(batch_at(data, jnp.int32(s), setup)[0]) for s in range(2)]
+  rows = {tuple(r) for r in np.concatenate(epoch)}
+  assert rows == {tuple(r) for r in np.asarray(data.train_x)}
+  np.testing.assert_array_equal(batch_at(data, jnp.int32(1), setup)[0], epoch[1])  # pure in step
+  next_epoch = np.asarray(batch_at(data, jnp.int32(2), setup)[0])
+  assert not np.array_equal(next_epoch, epoch[0])  # a fresh permutation per epoch
+
+
+def test_vmapped_sweep_equals_runs_one_at_a_time():
+  setup = make_setup('lsam')
+  specs = [make_spec(seed=0, rho=0.3, complexity=180.0),
+           make_spec(seed=1, rho=1.0, complexity=540.0),
+           make_spec(seed=2, rho=0.0, complexity=720.0)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *specs)
+  num_steps = 4
+  init, chunk = toy_train.compiled_sweep_fns(setup, num_steps)
+  state, data = init(stacked)
+  state, result = chunk(state, data, stacked)
+  for i, spec in enumerate(specs):
+    take = lambda tree: jax.tree.map(lambda a: a[i], tree)
+    params, run_data = params_and_data(spec, make_setup('sgd'))
+    assert_trees_close(run_data, take(data), rtol=1e-6, atol=1e-6)
+    one = toy_train.init_state(params, spec, setup)
+    stats = []
+    for _ in range(num_steps):
+      one, step_stats = train_step(one, run_data, spec, setup)
+      stats.append(step_stats)
+    assert_trees_close(one.params, take(state.params), rtol=1e-4, atol=1e-6)
+    assert_trees_close(jax.tree.map(lambda *a: jnp.stack(a), *stats), take(result.stats),
+                       rtol=1e-4, atol=1e-6)
+
+
+probe_error = jax.jit(toy_probe.probe_error)
+
+
+def test_threshold_probe():
+  key = jax.random.PRNGKey(0)
+  labels = jnp.where(jax.random.bernoulli(key, 0.5, (200,)), 1.0, -1.0)
+  separable = labels * (1.0 + jax.random.uniform(key, (200,)))
+  assert probe_error(separable, labels, separable, labels) == 0.0
+  # the direction is learned: the negated feature is as good
+  assert probe_error(-separable, labels, -separable, labels) == 0.0
+  # a threshold away from zero
+  assert probe_error(separable + 5.0, labels, separable + 5.0, labels) == 0.0
+  # fitted on one sample, scored on another
+  noise = jax.random.normal(jax.random.PRNGKey(1), (200,))
+  test_noise = jax.random.normal(jax.random.PRNGKey(2), (200,))
+  assert probe_error(noise, labels, test_noise, labels) > 0.3
+  half = jnp.where(jnp.arange(200) < 100, labels, -labels)  # half the test labels flipped
+  assert probe_error(separable, labels, separable, half) == pytest.approx(0.5)
+
+
+def test_binned_medians_and_spearman():
+  values = np.arange(100.0)
+  centres, medians = toy_metrics.binned_medians(values, 2 * values, num_bins=4)
+  np.testing.assert_allclose(centres, [12, 37, 62, 87])
+  np.testing.assert_allclose(medians, 2 * centres)
+  assert toy_metrics.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+  assert toy_metrics.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
