@@ -66,7 +66,8 @@ def overrides(budget: str) -> dict:
   if budget == 'tiny':
     result.update({'num_train_steps': TINY['num_train_steps'], 'batch_size': TINY['batch_size'],
                    'eval_batch_size': 64, 'data.max_train_examples': TINY['max_train_examples'],
-                   'checkpoint_every_steps': 0})
+                   'checkpoint_every_steps': 0,
+                   'model.name': 'convnet'})  # a CPU smoke run: skip ResNet-18's compile time
   return result
 
 
