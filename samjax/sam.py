@@ -142,6 +142,13 @@ def phantom_params(
   Returns:
     ``(phantom, perturbation)``; unmasked leaves of ``perturbation`` are zeros.
   """
+  phantom, perturbation, _ = _phantom_and_perturbation_norm(
+      params, grads, rho, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps, mask=mask)
+  return phantom, perturbation
+
+
+def _phantom_and_perturbation_norm(params, grads, rho, *, adaptive, adaptive_eta, eps, mask):
+  """:func:`phantom_params` and ``||e||``, without a pass over ``e`` where it is known."""
   mask_tree = resolve_mask(mask, params)
   leaf_mask = jax.tree.leaves(mask_tree)
   p_leaves, treedef = jax.tree.flatten(params)
@@ -171,7 +178,10 @@ def phantom_params(
       e = (scale * d).astype(p.dtype)
       phantom.append(p + e if _is_static_bool(m) else jnp.where(m, p + e, p))
       perturbation.append(e)
-  return treedef.unflatten(phantom), treedef.unflatten(perturbation)
+  # SAM: ||e|| = rho ||g|| / (||g|| + eps). ASAM's direction T^2 g differs from T g: measure it.
+  perturbation_norm = (_global_norm([e for e, d in zip(perturbation, directions) if d is not None])
+                       if adaptive else scale * norm)
+  return treedef.unflatten(phantom), treedef.unflatten(perturbation), perturbation_norm
 
 
 def _check_rho(rho: ScalarOrSchedule) -> None:
@@ -254,13 +264,12 @@ def sam(
       synced = jax.lax.pmean(grads, axis_name)
     ascent = synced if (axis_name is None or sync_perturbation) else grads
     radius = rho(state.count) if callable(rho) else rho
-    phantom, perturbation = phantom_params(
+    phantom, _, perturbation_norm = _phantom_and_perturbation_norm(
         params, ascent, radius, adaptive=adaptive, adaptive_eta=adaptive_eta,
         eps=eps, mask=mask)
     phantom_grads = grad_fn(phantom)
     if axis_name is not None:
       phantom_grads = jax.lax.pmean(phantom_grads, axis_name)
-    perturbation_norm = _global_norm(perturbation)
     if axis_name is not None and not sync_perturbation:
       perturbation_norm = jax.lax.pmean(perturbation_norm, axis_name)
     # Statistics over the perturbed leaves only: for LSAM this keeps the clean gradient of the

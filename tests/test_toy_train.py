@@ -214,6 +214,17 @@ def test_batches_cover_each_epoch_once():
   assert not np.array_equal(next_epoch, epoch[0])  # a fresh permutation per epoch
 
 
+def test_chunk_with_precomputed_epoch_orders_equals_single_steps():
+  setup, spec, state, data, _, _ = initial('lsam')
+  chunk = jax.jit(toy_train.train_chunk, static_argnums=(3, 4))
+  chunked, _ = chunk(state, data, spec, setup, 7)  # 7 steps of 2 per epoch: crosses 4 epochs
+  stepped = state
+  for _ in range(7):
+    stepped, _ = train_step(stepped, data, spec, setup)
+  jax.tree.map(np.testing.assert_array_equal, chunked.params, stepped.params)
+  assert int(chunked.step) == 7
+
+
 def test_vmapped_sweep_equals_runs_one_at_a_time():
   setup = make_setup('lsam')
   specs = [make_spec(seed=0, rho=0.3, complexity=180.0),

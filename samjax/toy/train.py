@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Optional, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -280,18 +280,34 @@ def init_state(params: PyTree, spec: RunSpec, setup: TrainSetup) -> RunState:
   return RunState(params, make_optimizer(setup, spec.rho).init(params), jnp.zeros((), jnp.int32))
 
 
-def batch_at(data: RunData, step: jax.Array, setup: TrainSetup) -> tuple[jax.Array, jax.Array]:
-  """The ``step``-th batch: epochs are fresh permutations, the remainder is dropped."""
+def epoch_order(data: RunData, epoch: jax.Array, setup: TrainSetup) -> jax.Array:
+  """The permutation of the training set that epoch ``epoch`` visits."""
+  return jax.random.permutation(jax.random.fold_in(data.order_key, epoch), setup.num_train)
+
+
+def batch_at(data: RunData, step: jax.Array, setup: TrainSetup,
+             epoch_orders: Optional[tuple[jax.Array, jax.Array]] = None
+             ) -> tuple[jax.Array, jax.Array]:
+  """The ``step``-th batch: epochs are fresh permutations, the remainder is dropped.
+
+  ``epoch_orders = (first_epoch, orders)`` passes precomputed permutations of epochs
+  ``first_epoch, first_epoch + 1, ...`` (a chunk computes them once instead of once a step).
+  """
   epoch, position = jnp.divmod(step, setup.steps_per_epoch)
-  order = jax.random.permutation(jax.random.fold_in(data.order_key, epoch), setup.num_train)
+  if epoch_orders is None:
+    order = epoch_order(data, epoch, setup)
+  else:
+    first_epoch, orders = epoch_orders
+    order = orders[epoch - first_epoch]
   index = jax.lax.dynamic_slice_in_dim(order, position * setup.batch_size, setup.batch_size)
   return data.train_x[index], data.train_y[index]
 
 
-def train_step(state: RunState, data: RunData, spec: RunSpec,
-               setup: TrainSetup) -> tuple[RunState, StepStats]:
+def train_step(state: RunState, data: RunData, spec: RunSpec, setup: TrainSetup,
+               epoch_orders: Optional[tuple[jax.Array, jax.Array]] = None
+               ) -> tuple[RunState, StepStats]:
   """One update of one run, and the head statistics of the step."""
-  x, y = batch_at(data, state.step, setup)
+  x, y = batch_at(data, state.step, setup, epoch_orders)
   grad_fn = jax.grad(functools.partial(batch_loss, x=x, y=y, setup=setup))
   if setup.method in INTERVENTIONS:
     fix_importance, fix_feature_lr = INTERVENTIONS[setup.method]
@@ -356,8 +372,12 @@ def train_chunk(state: RunState, data: RunData, spec: RunSpec, setup: TrainSetup
                 num_steps: int) -> tuple[RunState, ChunkResult]:
   """``num_steps`` steps in a ``lax.scan``, then a snapshot and an evaluation."""
 
+  first_epoch = state.step // setup.steps_per_epoch
+  epochs = first_epoch + jnp.arange(num_steps // setup.steps_per_epoch + 2)
+  orders = jax.vmap(lambda e: epoch_order(data, e, setup))(epochs)
+
   def body(carry, _):
-    return train_step(carry, data, spec, setup)
+    return train_step(carry, data, spec, setup, (first_epoch, orders))
 
   state, stats = jax.lax.scan(body, state, None, length=num_steps)
   return state, ChunkResult(stats, snapshot(state.params, data, spec, setup),

@@ -1,0 +1,111 @@
+"""experiments/benchmark.py at the tiny size, end to end: every section, finite positive timings.
+
+Nothing here asserts anything about speed: the goals are reported by the benchmark, not tested.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'experiments', 'benchmark.py')
+SECTIONS = ('steps', 'scaling', 'toy', 'per_example', 'pipeline')
+STEP_CONTENDERS = ('sgd', 'sam', 'optax_sam', 'lsam', 'asam', 'sam_diagnostics')
+
+
+def _positive_finite(value, where):
+  assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (where, value)
+
+
+def _timings(samples, where):
+  assert samples, where
+  for s in samples:
+    _positive_finite(s, where)
+
+
+@pytest.fixture(scope='module')
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench') / 'bench.json'
+  env = dict(os.environ)
+  # Its own process, as a user runs it: the script sets up its 8 host devices before jax loads.
+  for key in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES'):
+    env.pop(key, None)
+  env.update(JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3')
+  proc = subprocess.run([sys.executable, SCRIPT, '--size=tiny', f'--out={out}'], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  with open(out) as f:
+    return json.load(f), proc.stdout
+
+
+def test_every_section_is_present_and_none_failed(report):
+  results, stdout = report
+  for section in SECTIONS:
+    assert section in results, section
+    assert results[section].get('status') != 'error', results[section].get('traceback')
+  assert results['meta']['size'] == 'tiny'
+  assert '[goals]' in stdout
+
+
+def test_step_timings_and_ratios(report):
+  results, _ = report
+  assert results['steps'], 'no model in the steps section'
+  for model, r in results['steps'].items():
+    assert set(STEP_CONTENDERS) <= set(r['contenders']), model
+    for name, c in r['contenders'].items():
+      _timings(c['samples_s'], (model, name))
+      _positive_finite(c['median_s'], (model, name))
+      _positive_finite(c['compile_s'], (model, name))
+      assert c['hlo']['convolutions'] > 0, (model, name)
+    for name, v in r['ratios'].items():
+      _positive_finite(v['ratio_of_medians'], (model, name))
+      _positive_finite(v['median_paired_ratio'], (model, name))
+
+
+def test_scaling_covers_one_to_eight_devices(report):
+  scaling = report[0]['scaling']
+  assert sorted(int(n) for n in scaling['devices']) == [1, 2, 4, 8]
+  for n, c in scaling['devices'].items():
+    _timings(c['samples_s'], n)
+    _positive_finite(c['images_per_s'], n)
+
+
+def test_toy_and_per_example_sections(report):
+  results, _ = report
+  toy = results['toy']
+  assert toy['status'] == 'ok', toy.get('reason')
+  for name in ('vmapped', 'one_at_a_time'):
+    _timings(toy['contenders'][name]['samples_s'], name)
+    _positive_finite(toy['contenders'][name]['run_steps_per_s'], name)
+  _positive_finite(toy['speedup'], 'toy speedup')
+  pex = results['per_example']
+  for name in ('chunked', 'unchunked'):
+    _timings(pex['contenders'][name]['samples_s'], name)
+    _positive_finite(pex['contenders'][name]['examples_per_s'], name)
+    memory = pex['contenders'][name]['memory']
+    assert memory['available'], memory
+    _positive_finite(memory['peak_estimate_bytes'], name)
+  assert pex['norms_max_abs_diff'] < 1e-3
+
+
+def test_pipeline_section(report):
+  pipeline = report[0]['pipeline']
+  if pipeline.get('status') != 'ok':  # samjax.data not importable: consumers only
+    pytest.skip(pipeline.get('reason'))
+  assert pipeline['datasets']
+  for name, r in pipeline['datasets'].items():
+    _positive_finite(r['pipeline_images_per_s'], name)
+    _positive_finite(r['step_images_per_s'], name)
+
+
+def test_goals_are_reported_with_verdicts(report):
+  goals = report[0]['goals']
+  names = {g['goal'] for g in goals}
+  assert {'sam_vs_optax_sam', 'sam_vs_sgd', 'lsam_vs_sgd', 'diagnostics_overhead',
+          'toy_vmap_speedup', 'per_example_bounded_memory', 'pipeline_vs_step'} <= names
+  for g in goals:
+    assert g['verdict'] in ('PASS', 'MISS', 'NOT MEASURED'), g
