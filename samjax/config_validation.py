@@ -36,6 +36,7 @@ def base_train_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
   c.progress_bar = True
+  c.input_workers = 4  # threads preparing the next batches while the device trains
   c.log_diagnostics = True  # Gini of real and phantom importance weights per logged step
   c.perturbation = 'sync'  # 'per_device': m-sharpness with m = per-device batch
   c.group_weighted_test_error = False  # CelebA, Waterbirds: weight group errors by train frequency
@@ -139,7 +140,7 @@ def validate_train_config(config, num_devices: int) -> None:
   _one_of(config, 'microbatch_mode', MICROBATCH_MODES)
   for field in ('optimizer.rho', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',
                 'optimizer.adaptive_eta', 'num_train_steps', 'num_epochs', 'probe_l2',
-                'checkpoint_every_steps'):
+                'checkpoint_every_steps', 'input_workers'):
     _positive(config, field, allow_zero=True)
   for field in ('optimizer.learning_rate', 'batch_size', 'eval_batch_size', 'log_every_steps',
                 'keep_checkpoints', 'microbatches'):

@@ -19,6 +19,7 @@ resumed from a checkpoint follows the same trajectory as one that ran straight t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -349,9 +350,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.set_postfix(images_per_s=f'{rate:.0f}')
     last_time, last_step = now, current_step
 
-  with _PreemptionFlag() as preemption:
+  local_batches = batches.iterate(start_step, num_workers=config.get('input_workers', 0))
+  with _PreemptionFlag() as preemption, contextlib.closing(local_batches):
     for step in range(start_step + 1, num_steps + 1):
-      batch = _global_batch(batches.batch_at(step - 1), batch_sharding)
+      batch = _global_batch(next(local_batches), batch_sharding)
       state, metrics = train_step(state, batch)
       pending.append((step, metrics))
       if progress is not None:

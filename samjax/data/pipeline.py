@@ -88,6 +88,8 @@ across training seeds to evaluate every run on the same data.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
 import zlib
@@ -730,12 +732,31 @@ class TrainBatches:
         'attribute': self.split.attributes[indices],
     }
 
-  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """``batch_at(start_step), batch_at(start_step + 1), ...`` without end."""
-    step = start_step
-    while True:
-      yield self.batch_at(step)
-      step += 1
+  def iterate(self, start_step: int = 0, num_workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """``batch_at(start_step), batch_at(start_step + 1), ...`` without end.
+
+    With ``num_workers > 0``, that many threads prepare the next ``2 * num_workers`` batches
+    ahead (numpy releases the GIL in gathers, crops and normalisation). Batches are pure
+    functions of the step, so the order and the values are those of the sequential iterator.
+    """
+    if num_workers <= 0:
+      step = start_step
+      while True:
+        yield self.batch_at(step)
+        step += 1
+    with concurrent.futures.ThreadPoolExecutor(num_workers, 'samjax-batches') as pool:
+      ahead = 2 * num_workers
+      pending = collections.deque(pool.submit(self.batch_at, start_step + i) for i in range(ahead))
+      step = start_step + ahead
+      try:
+        while True:
+          batch = pending.popleft().result()
+          pending.append(pool.submit(self.batch_at, step))
+          step += 1
+          yield batch
+      finally:
+        for future in pending:
+          future.cancel()
 
 
 def eval_batches(split: Split, dataset: FeatureDataset,
