@@ -151,6 +151,7 @@ class Size:
   pex_reference: bool = True         # also time one batch gradient of the same batch
 
 
+COMPUTE_DTYPE = 'float32'  # --dtype: the models' activations and matmuls
 CONVNET_TINY = ModelCase('convnet', 8, (32, 16, 1), 16)  # digits dominoes' shape
 CONVNET_PAPER = ModelCase('convnet', 32, (64, 32, 3), 100)  # CIFAR-MNIST, batch 100 (App. B)
 
@@ -370,7 +371,8 @@ class StepContender:
 def build_step(case: ModelCase, opt_name: str, devices, *, log_diagnostics: bool = False,
                use_optax_sam: bool = False) -> StepContender:
   """The project's train step for ``case``, compiled ahead of time and warmed up once."""
-  model = create_model({'name': case.name, 'width': case.width}, case.num_classes)
+  model = create_model({'name': case.name, 'width': case.width, 'dtype': COMPUTE_DTYPE},
+                       case.num_classes)
   mesh = step_lib.make_mesh(devices)
   config = optimizer_config(opt_name)
   tx = optax_contrib_sam(config) if use_optax_sam else None
@@ -557,7 +559,8 @@ def bench_toy(size: Size) -> dict[str, Any]:
 
 def bench_per_example(size: Size) -> dict[str, Any]:
   case = size.pex_model
-  model = create_model({'name': case.name, 'width': case.width}, case.num_classes)
+  model = create_model({'name': case.name, 'width': case.width, 'dtype': COMPUTE_DTYPE},
+                       case.num_classes)
   variables = init_variables(model, jax.random.key(0), (1, *case.image_shape))
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
@@ -933,7 +936,7 @@ def format_report(results: dict[str, Any]) -> str:
 
 def metadata(args) -> dict[str, Any]:
   device = jax.devices()[0]
-  return {'size': args.size, 'backend': jax.default_backend(),
+  return {'size': args.size, 'dtype': args.dtype, 'backend': jax.default_backend(),
           'device_kind': getattr(device, 'device_kind', str(device)),
           'num_devices': len(jax.devices()), 'cpu_count': os.cpu_count(),
           'machine': platform.machine(), 'python': platform.python_version(),
@@ -978,6 +981,8 @@ def run(args) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--size', choices=sorted(SIZES), default='small')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help='compute dtype of the models (parameters stay float32)')
   parser.add_argument('--out', default='', help='write the results as JSON to this path')
   parser.add_argument('--sections', default='', help=f'comma list of {SECTIONS}; default all')
   parser.add_argument('--reps', type=int, default=0, help='override the round-robin repetitions')
@@ -986,6 +991,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="take the pipeline section's train-step timings from this JSON (the "
                            'same size run elsewhere, e.g. on an accelerator)')
   args = parser.parse_args(argv)
+  global COMPUTE_DTYPE
+  COMPUTE_DTYPE = args.dtype
   results = run(args)
   print(format_report(results), flush=True)
   if args.out:
