@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import Any, Optional
 
 from absl import app, flags, logging
@@ -112,20 +111,9 @@ def nan_to_none(array) -> Any:
 
 
 def save_figure(fig, path: str) -> None:
-  """Saves ``fig`` as PNG next to ``path`` under a temporary name, then renames it into place."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      fig.savefig(f, format='png', dpi=120)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Saves ``fig`` as PNG at ``path`` atomically."""
+  from samjax.io_utils import atomic_save_figure  # pylint: disable=g-import-not-at-top
+  atomic_save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------

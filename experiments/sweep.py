@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from samjax.io_utils import atomic_write_text
+from samjax.io_utils import atomic_save_figure, atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,6 +146,21 @@ def write_table(rows: list[dict], metrics: Sequence[str], out_dir: str, name: st
   return text
 
 
+def verdicts(rows: list[dict], metric: str, higher_is_better: bool = False) -> list[str]:
+  """One line per data set: does SAM beat SGD on ``metric`` (the means of the selected runs)?"""
+  lines = []
+  for tag in sorted({r['tag'] for r in rows}):
+    by = {r['method']: r for r in rows if r['tag'] == tag}
+    if {'sgd', 'sam'} <= set(by):
+      sgd, sam = by['sgd'][f'{metric}_mean'], by['sam'][f'{metric}_mean']
+      better = sam > sgd if higher_is_better else sam < sgd
+      held = 'holds' if better else 'does NOT hold'
+      relation = '>' if higher_is_better else '<'
+      lines.append(f'- {tag}: SAM {metric} {sam:.3f} vs SGD {sgd:.3f}: '
+                   f'SAM {relation} SGD {held}.')
+  return lines
+
+
 def plot_table(rows: list[dict], metrics: Sequence[str], path: str, ylabel: str) -> None:
   """Grouped bars (mean +- std) per data set, SGD beside SAM, one panel per metric."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -166,5 +181,5 @@ def plot_table(rows: list[dict], metrics: Sequence[str], path: str, ylabel: str)
     ax.set_ylabel(ylabel)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  atomic_save_figure(fig, path, dpi=120)
   plt.close(fig)

@@ -71,18 +71,6 @@ def overrides(budget: str) -> dict:
   return result
 
 
-def verdicts(rows) -> list[str]:
-  lines = []
-  for tag in sorted({r['tag'] for r in rows}):
-    by = {r['method']: r for r in rows if r['tag'] == tag}
-    if {'sgd', 'sam'} <= set(by):
-      for metric in ('easy_probe_error', 'hard_probe_error'):
-        sgd, sam = by['sgd'][f'{metric}_mean'], by['sam'][f'{metric}_mean']
-        held = 'holds' if sam < sgd else 'does NOT hold'
-        lines.append(f'- {tag}: SAM {metric} {sam:.3f} vs SGD {sgd:.3f}: the paper\'s claim {held}.')
-  return lines
-
-
 def main(argv):
   del argv
   runs = build_runs(FLAGS.datasets, FLAGS.budget, FLAGS.num_seeds)
@@ -90,7 +78,8 @@ def main(argv):
   rows = sweep.select_and_aggregate(records, METRICS)
   text = sweep.write_table(rows, METRICS, FLAGS.out, 'table1',
                            title='Table 1: probe error (mean +- std over seeds; lower is better)',
-                           footer=verdicts(rows))
+                           footer=[line for metric in METRICS[:2]
+                                   for line in sweep.verdicts(rows, metric)])
   sweep.plot_table(rows, METRICS[:2], os.path.join(FLAGS.out, 'table1.png'), 'probe error')
   print(text)
 

@@ -78,17 +78,6 @@ def overrides(budget: str) -> dict:
   return result
 
 
-def verdicts(rows) -> list[str]:
-  lines = []
-  for tag in sorted({r['tag'] for r in rows}):
-    by = {r['method']: r for r in rows if r['tag'] == tag}
-    if {'sgd', 'sam'} <= set(by):
-      sgd, sam = by['sgd']['probe_accuracy_mean'], by['sam']['probe_accuracy_mean']
-      held = 'holds' if sam > sgd else 'does NOT hold'
-      lines.append(f'- {tag}: SAM {sam:.3f} vs SGD {sgd:.3f}: SAM > SGD {held}.')
-  return lines
-
-
 def main(argv):
   del argv
   runs = build_runs(FLAGS.datasets, FLAGS.domains, FLAGS.budget, FLAGS.num_seeds)
@@ -96,7 +85,7 @@ def main(argv):
   rows = sweep.select_and_aggregate(records, METRICS)
   text = sweep.write_table(rows, METRICS, FLAGS.out, 'table2', paper=paper_numbers(),
                            title='Table 2: held-out-domain probe accuracy (higher is better)',
-                           footer=verdicts(rows))
+                           footer=sweep.verdicts(rows, 'probe_accuracy', higher_is_better=True))
   sweep.plot_table(rows, METRICS, os.path.join(FLAGS.out, 'table2.png'), 'probe accuracy')
   print(text)
 

@@ -47,7 +47,7 @@ def test_table1_tiny_grid_writes_tables_and_resumes(tmp_path):
   assert {float(r['rho']) for r in rows} == {0.0, 0.05}
   with open(os.path.join(out, 'table1.md')) as f:
     text = f.read()
-  assert 'digits_dominoes: SAM hard_probe_error' in text
+  assert 'digits_dominoes: SAM hard_probe_error' in text and 'SAM < SGD' in text
   finished = probe_files(out)
   assert len(finished) == 2
   run_script('table1.py', args)  # every run is finished: nothing is trained again

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from samjax.models.layers import (
     Dtype,
+    classifier_head,
     torch_default_bias_init,
     torch_default_kernel_init,
     torch_padding,
@@ -79,14 +80,7 @@ class ConvNet(nn.Module):
       x = nn.relu(x)
     # torch flattens NCHW: (channel, height, width) order.
     features = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-    logits = nn.Dense(
-        self.num_classes,
-        kernel_init=torch_default_kernel_init,
-        bias_init=torch_default_bias_init(features.shape[-1]),
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        name='head',
-    )(features)
+    logits = classifier_head(self.num_classes, features.shape[-1], self.dtype)(features)
     logits = logits.astype(jnp.float32)
     if return_features:
       return logits, features.astype(jnp.float32)

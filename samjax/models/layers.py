@@ -43,6 +43,14 @@ def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
+def classifier_head(num_classes: int, in_features: int, dtype: Dtype) -> nn.Dense:
+  """The classifier of every samjax model: named ``head`` (what ``samjax.lsam`` perturbs),
+  initialised like ``torch.nn.Linear``, float32 parameters."""
+  return nn.Dense(num_classes, kernel_init=torch_default_kernel_init,
+                  bias_init=torch_default_bias_init(in_features), dtype=dtype,
+                  param_dtype=jnp.float32, name='head')
+
+
 def torch_padding(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
   """Explicit 2-D padding equal to torch's ``padding=padding`` (same on both sides)."""
   return ((padding, padding), (padding, padding))

@@ -28,9 +28,8 @@ import jax.numpy as jnp
 from samjax.models.layers import (
     BatchNorm,
     Dtype,
+    classifier_head,
     kaiming_normal_fan_out,
-    torch_default_bias_init,
-    torch_default_kernel_init,
     torch_padding,
 )
 
@@ -111,14 +110,7 @@ class ResNet(nn.Module):
         x = BasicBlock(self.width * 2**stage, strides=strides, dtype=self.dtype,
                        name=f'layer{stage + 1}_{block}')(x, train=train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten.
-    logits = nn.Dense(
-        self.num_classes,
-        kernel_init=torch_default_kernel_init,
-        bias_init=torch_default_bias_init(features.shape[-1]),
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        name='head',
-    )(features)
+    logits = classifier_head(self.num_classes, features.shape[-1], self.dtype)(features)
     logits = logits.astype(jnp.float32)
     if return_features:
       return logits, features

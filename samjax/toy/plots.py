@@ -19,6 +19,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from samjax import diagnostics  # noqa: E402
+from samjax.io_utils import atomic_save_figure  # noqa: E402
 from samjax.toy import metrics as toy_metrics  # noqa: E402
 from samjax.toy import model as toy_model  # noqa: E402
 
@@ -117,7 +118,7 @@ def figure_runs(config, outputs, records):
 
 def _save(fig, workdir: str, name: str) -> str:
   path = os.path.join(workdir, name)
-  fig.savefig(path, dpi=110, bbox_inches='tight')
+  atomic_save_figure(fig, path, dpi=110, bbox_inches='tight')
   plt.close(fig)
   return path
 
