@@ -689,17 +689,18 @@ class TrainBatches:
     self.process_count = process_count
     self.steps_per_epoch = len(split) // global_batch_size
     self.padding = crop_padding(split.images.shape[1:])
-    self._cached_epoch = -1
-    self._cached_permutation = np.zeros([0], np.int64)
+    self._cached = (-1, np.zeros([0], np.int64))
 
   def epoch_permutation(self, epoch: int) -> np.ndarray:
     """The visiting order of epoch ``epoch`` (cached for the current epoch)."""
-    if epoch != self._cached_epoch:
+    # One tuple, read and replaced whole: prefetching threads (iterate) share this cache.
+    cached_epoch, permutation = self._cached
+    if epoch != cached_epoch:
       rng = np.random.default_rng(
           np.random.SeedSequence([self.seed, _PERMUTATION_STREAM, epoch]))
-      self._cached_permutation = rng.permutation(len(self.split))
-      self._cached_epoch = epoch
-    return self._cached_permutation
+      permutation = rng.permutation(len(self.split))
+      self._cached = (epoch, permutation)
+    return permutation
 
   def global_indices(self, step: int) -> np.ndarray:
     """int64 ``[global_batch_size]``: the split indices of step ``step``'s global batch."""
