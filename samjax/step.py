@@ -209,8 +209,11 @@ def _per_microbatch_sam_update(state: TrainState, params, batch, *, grad_and_aux
 
 def _local_step(state: TrainState, batch, *, loss_fn, tx, parts, sam_index, schedule,
                 uses_sam: bool, log_diagnostics: bool, axis_name: Optional[str],
-                microbatches: int, microbatch_mode: str):
+                microbatches: int, microbatch_mode: str, image_normalization=None):
   """One step on the batch this function sees (global under jit, local under shard_map)."""
+  if image_normalization is not None:
+    scale, offset = image_normalization
+    batch = {**batch, 'image': batch['image'].astype(jnp.float32) * scale - offset}
   params = state.params
   if axis_name is not None:
     # Per-device gradients: replicated params would otherwise give gradients summed over the axis.
@@ -271,6 +274,15 @@ def _local_step(state: TrainState, batch, *, loss_fn, tx, parts, sam_index, sche
   return new_state, metrics
 
 
+def _scale_and_offset(normalization):
+  """``(1 / std, mean / std)`` as float32, the arithmetic of ``FeatureDataset.normalize``."""
+  if normalization is None:
+    return None
+  mean, std = (np.asarray(v, np.float32) for v in normalization)
+  scale = (1.0 / std).astype(np.float32)
+  return scale, (mean * scale).astype(np.float32)
+
+
 def make_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -279,7 +291,8 @@ def make_mesh(devices=None) -> Mesh:
 def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
                     perturbation: str = 'sync', log_diagnostics: bool = False,
                     donate: bool = True, tx: Optional[optax.GradientTransformation] = None,
-                    microbatches: int = 1, microbatch_mode: str = 'full_batch'):
+                    microbatches: int = 1, microbatch_mode: str = 'full_batch',
+                    image_normalization: Optional[tuple[np.ndarray, np.ndarray]] = None):
   """Builds ``(tx, step)`` where ``step(state, batch) -> (state, metrics)`` is jitted.
 
   Args:
@@ -300,6 +313,9 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
       gradient and the phantom gradients are averaged (m-sharpness, m = micro-batch size). With
       BatchNorm every micro-batch normalises with its own statistics (ghost batch norm) and the
       running statistics take the mean of the micro-batches' updates.
+    image_normalization: ``(mean, std)`` per channel: the batch's images arrive as uint8 and are
+      normalised inside the step, ``(x - mean) / std``, which spares the host 4x the work and
+      the transfer.
   Returns:
     The optimizer (for ``create_train_state``) and the jitted step.
   """
@@ -321,7 +337,8 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
       _local_step, loss_fn=make_loss_fn(model), tx=tx, parts=parts, sam_index=sam_index,
       schedule=learning_rate_schedule(opt_config, num_train_steps),
       uses_sam=opt_config.name != 'sgd', log_diagnostics=log_diagnostics, axis_name=axis_name,
-      microbatches=microbatches, microbatch_mode=microbatch_mode)
+      microbatches=microbatches, microbatch_mode=microbatch_mode,
+      image_normalization=_scale_and_offset(image_normalization))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
   if per_device:

@@ -290,15 +290,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = data_lib.TrainBatches(
       dataset.train, dataset, config.batch_size, seed=config.seed,
       augment=config.data.get('augment', False), process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), normalize=False)
   num_steps = _num_train_steps(config, batches.steps_per_epoch)
   tx, train_step = step_lib.make_train_step(
       model, config.optimizer, num_steps, mesh,
       perturbation=config.get('perturbation', 'sync'),
       log_diagnostics=config.get('log_diagnostics', True),
       microbatches=config.get('microbatches', 1),
-      microbatch_mode=config.get('microbatch_mode', 'full_batch'))
-  sample = batches.batch_at(0)['image'][:1]
+      microbatch_mode=config.get('microbatch_mode', 'full_batch'),
+      image_normalization=(dataset.mean, dataset.std))
+  sample = dataset.normalize(batches.batch_at(0)['image'][:1])
   init_state = jax.jit(
       lambda rng: step_lib.create_train_state(model, tx, rng, sample),
       out_shardings=NamedSharding(mesh, P()))

@@ -145,3 +145,23 @@ def test_metrics_report_schedule_norms_and_in_step_gini():
 def test_unknown_optimizer_is_a_value_error():
   with pytest.raises(ValueError, match='optimizer.name'):
     step_lib.make_optimizer(opt_config('adamw'), 10)
+
+
+def test_uint8_batches_normalised_in_the_step_equal_host_normalised_batches():
+  model = TinyNet()
+  rng = np.random.default_rng(4)
+  images = rng.integers(0, 256, size=(32, 4, 4, 1), dtype=np.uint8)
+  labels = rng.integers(0, 3, size=32).astype(np.int32)
+  mean, std = np.array([101.5], np.float32), np.array([37.25], np.float32)
+  host = {'image': ((images.astype(np.float32) - mean) / std).astype(np.float32), 'label': labels}
+  mesh = step_lib.make_mesh(jax.devices()[:8])
+  config = opt_config('sam')
+  tx, on_host = step_lib.make_train_step(model, config, 10, mesh, donate=False)
+  _, on_device = step_lib.make_train_step(model, config, 10, mesh, donate=False,
+                                          image_normalization=(mean, std))
+  state = step_lib.create_train_state(model, tx, jax.random.key(0), host['image'][:1])
+  a, ma = on_host(state, host)
+  b, mb = on_device(state, {'image': images, 'label': labels})
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ma['loss'], mb['loss'], rtol=1e-6)
