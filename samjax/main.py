@@ -74,7 +74,10 @@ def main(argv) -> None:
   except ValueError as e:
     if os.environ.get('SAMJAX_DEBUG'):
       raise
-    _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not message.startswith('config.'):  # not a config field: the traceback may matter
+      message += ' (SAMJAX_DEBUG=1 shows the traceback)'
+    _error(message)
   except RuntimeError as e:  # a numerical fault: the message names the step and the quantity
     from samjax.train import TrainingFault  # pylint: disable=g-import-not-at-top
     if not isinstance(e, TrainingFault) or os.environ.get('SAMJAX_DEBUG'):

@@ -268,7 +268,10 @@ def _local_step(state: TrainState, batch, *, loss_fn, tx, parts, sam_index, sche
     if axis_name is not None:
       gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
       labels, clean, phantom = gather(labels), gather(clean), gather(phantom)
-    metrics.update(diagnostics.batch_gini_stats(clean, phantom, labels))
+    gini_stats = diagnostics.batch_gini_stats(clean, phantom, labels)
+    if axis_name is not None:  # equal on every device already; pmax marks them replicated, exactly
+      gini_stats = jax.lax.pmax(gini_stats, axis_name)
+    metrics.update(gini_stats)
   new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_batch_stats,
                             opt_state=opt_state)
   return new_state, metrics

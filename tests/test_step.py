@@ -95,7 +95,9 @@ def test_per_device_perturbation_equals_its_closed_form(name):
   model = TinyNet()
   batch = make_batch(2, n=32)
   config = opt_config(name, momentum=0.0)
-  state, _ = run_steps(model, config, jax.devices()[:8], [batch], perturbation='per_device')
+  state, metrics = run_steps(model, config, jax.devices()[:8], [batch], perturbation='per_device',
+                             log_diagnostics=True)
+  assert 0.0 <= float(metrics['gini_phantom']) <= 1.0
   init = model.init(jax.random.key(0), jnp.asarray(batch['image'][:1]), train=False)
   params, stats = init['params'], init['batch_stats']
   mask = samjax.head_mask(params) if name == 'lsam' else None
