@@ -145,3 +145,17 @@ def test_nan_stops_the_run_naming_step_and_quantity(tmp_path, data_dir):
     train.train_and_evaluate(config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'probe.json'))
   assert not os.path.exists(os.path.join(workdir, 'checkpoints', '8'))
+
+
+@pytest.mark.parametrize('perturbation, mode', [('per_device', 'per_microbatch'),
+                                                ('sync', 'full_batch')])
+def test_every_step_option_trains_end_to_end(tmp_path, data_dir, perturbation, mode):
+  config = tiny_digits_config(data_dir, 'lsam', steps=4)
+  config.perturbation, config.microbatches, config.microbatch_mode = perturbation, 2, mode
+  config.compute_dtype = 'bfloat16'
+  config.checkpoint_every_steps = 0
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  metrics = read_metrics(str(tmp_path / 'run'))
+  assert [m['step'] for m in metrics] == [4]
+  assert all(np.isfinite(v) for v in metrics[0].values())
+  assert 0.0 <= result['hard_probe_error'] <= 1.0
