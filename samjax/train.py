@@ -20,6 +20,7 @@ resumed from a checkpoint follows the same trajectory as one that ran straight t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -184,11 +185,17 @@ def _check_finite(step: int, metrics: dict) -> None:
                           'checkpoint is kept. Lower optimizer.learning_rate or optimizer.rho.')
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_apply(model, mesh):
+  """One jitted eval-mode forward per (model, mesh), shared by every split evaluated."""
+  return jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True),
+                 out_shardings=NamedSharding(mesh, P()))
+
+
 def compute_features(model, variables, split, dataset, batch_size: int, mesh) -> tuple[np.ndarray, np.ndarray]:
   """Frozen features and logits of a split (eval mode), as host numpy arrays."""
   sharding = NamedSharding(mesh, P(step_lib.DATA_AXIS))
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True),
-                  out_shardings=NamedSharding(mesh, P()))
+  apply = _eval_apply(model, mesh)
   feats, logits = [], []
   count, index = jax.process_count(), jax.process_index()
   for batch, num_valid in data_lib.eval_batches(split, dataset, batch_size):
