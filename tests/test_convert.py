@@ -15,7 +15,7 @@ import pytest
 from samjax import models
 from samjax.models import convert
 
-torch = pytest.importorskip('torch')
+import torch  # the test extra installs it
 nn = torch.nn
 
 TORCH_CLASSES = 10

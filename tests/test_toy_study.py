@@ -145,8 +145,10 @@ def test_run_writes_every_output(tmp_path):
   assert all(r['fixed_ratio'] is not None for r in runs if r['method'] == 'iw_lr')
   expected = {'fig1_feature_contours.png', 'fig2a_probe_error_vs_rho.png',
               'fig2b_ratio_vs_rho.png', 'fig3_lorenz.png', 'fig4_lr_scale.png',
-              'fig5_importance_by_contribution.png', 'fig6_interventions.png', 'figH_noise.png',
-              'figH_batch_size.png', 'fig_learning_curves.png'}
+              'fig5_importance_by_contribution.png', 'fig5_importance_2d.png',
+              'figG_lorenz_over_time.png', 'figG_importance_over_time.png',
+              'fig6_interventions.png', 'figH_noise.png', 'figH_batch_size.png',
+              'fig_learning_curves.png'}
   assert {os.path.basename(p) for p in out['figures']} == expected
   for name in expected:
     assert (tmp_path / name).stat().st_size > 10_000
