@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.colors  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -285,12 +286,14 @@ def fig4_lr_scale(config, outputs, records, workdir) -> Optional[str]:
   return _save(fig, workdir, 'fig4_lr_scale.png')
 
 
-def importance_by_contribution(outputs, indices: Sequence[int], num_bins: int = 10):
+def importance_by_contribution(outputs, indices: Sequence[int], num_bins: int = 10,
+                               snapshots=None):
   """Median real and phantom weight per equal-count bin of each signed contribution,
-  pooled over the runs ``indices`` and the snapshots of the second half of training
-  (once both features are in use; early on LSAM can hold the easy one back)."""
+  pooled over the runs ``indices`` and the snapshots ``snapshots`` (an index or
+  slice into the snapshot axis; default: the second half of training, once both
+  features are in use; early on LSAM can hold the easy one back)."""
   snaps = outputs.snapshots
-  late = slice(len(outputs.eval_steps) // 2, None)
+  late = slice(len(outputs.eval_steps) // 2, None) if snapshots is None else snapshots
   pool = lambda field: np.concatenate([getattr(snaps, field)[i, late].ravel() for i in indices])
   real, phantom = pool('weight_real'), pool('weight_phantom')
   result = {}
@@ -302,15 +305,25 @@ def importance_by_contribution(outputs, indices: Sequence[int], num_bins: int = 
   return result
 
 
+def seed_group(outputs, index: int) -> list[int]:
+  """Indices of the clean runs that differ from run ``index`` only in the seed."""
+  row = outputs.rows[index]
+  return [i for i, r in enumerate(outputs.rows) if r.method == row.method and r.rho == row.rho
+          and r.complexity == row.complexity and r.batch_size == row.batch_size and not r.noisy]
+
+
+def checkpoints(outputs, count: int = 4) -> list[int]:
+  """Up to ``count`` evenly spaced snapshot indices, the last snapshot included."""
+  last = len(outputs.eval_steps) - 1
+  return sorted({int(round(k)) for k in np.linspace(0, last, count)})
+
+
 def fig5_importance_bins(config, outputs, records, workdir) -> Optional[str]:
   """Fig. 5: median importance weight per bin of y v_easy phi_easy and y v_hard phi_hard."""
   chosen = figure_runs(config, outputs, records)
   if chosen is None:
     return None
-  row = outputs.rows[chosen['lsam']]
-  indices = [i for i, r in enumerate(outputs.rows) if r.method == 'lsam' and r.rho == row.rho
-             and r.complexity == row.complexity and r.batch_size == row.batch_size and not r.noisy]
-  binned = importance_by_contribution(outputs, indices)
+  binned = importance_by_contribution(outputs, seed_group(outputs, chosen['lsam']))
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, name in zip(axes, ('easy', 'hard')):
     centres, real, phantom = binned[name]
@@ -325,6 +338,128 @@ def fig5_importance_bins(config, outputs, records, workdir) -> Optional[str]:
                f'all seeds, snapshots of the second half of training')
   fig.tight_layout()
   return _save(fig, workdir, 'fig5_importance_by_contribution.png')
+
+
+def importance_2d(outputs, indices: Sequence[int], num_bins: int = 12, snapshots=None,
+                  quantile: float = 0.01):
+  """Median real and phantom weight over a 2-D grid of (easy, hard) signed contributions.
+
+  Pooled like :func:`importance_by_contribution`; each axis spans the
+  ``[quantile, 1 - quantile]`` range of its contribution (points outside are
+  left out) so a few extreme points do not empty most cells. Returns
+  ``(x_edges, y_edges, real medians, phantom medians, counts)``, the medians
+  ``[num_bins, num_bins]`` with empty cells NaN.
+  """
+  snaps = outputs.snapshots
+  late = slice(len(outputs.eval_steps) // 2, None) if snapshots is None else snapshots
+  pool = lambda field: np.concatenate([getattr(snaps, field)[i, late].ravel() for i in indices])
+  easy, hard = pool('contribution_easy'), pool('contribution_hard')
+  ranges = [tuple(np.quantile(v, [quantile, 1 - quantile])) for v in (easy, hard)]
+  medians = []
+  for field in ('weight_real', 'weight_phantom'):
+    binned = diagnostics.binned_medians(easy, hard, pool(field), num_bins,
+                                        x_range=ranges[0], y_range=ranges[1])
+    counts = np.asarray(binned.counts)
+    medians.append(np.where(counts > 0, np.asarray(binned.medians, np.float64), np.nan))
+  return (np.asarray(binned.x_edges), np.asarray(binned.y_edges), medians[0], medians[1],
+          counts)
+
+
+def fig5_importance_2d(config, outputs, records, workdir) -> Optional[str]:
+  """Fig. 5 as in the paper: median real and phantom weight over a 2-D grid of
+  (y v_easy phi_easy, y v_hard phi_hard), empty cells masked (white)."""
+  chosen = figure_runs(config, outputs, records)
+  if chosen is None:
+    return None
+  x_edges, y_edges, real, phantom, counts = importance_2d(
+      outputs, seed_group(outputs, chosen['lsam']))
+  finite = np.concatenate([real[np.isfinite(real)], phantom[np.isfinite(phantom)]])
+  positive = finite[finite > 0]
+  norm = (matplotlib.colors.LogNorm(vmin=positive.min(), vmax=positive.max())
+          if positive.size and positive.max() > positive.min() else None)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+  panels = (('real lambda = sigma(-y v.Phi)', real, norm, 'viridis'),
+            ('phantom lambda~ = sigma(-y v~.Phi)', phantom, norm, 'viridis'))
+  for ax, (title, medians, n, cmap) in zip(axes, panels):
+    mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(medians).T, norm=n, cmap=cmap)
+    fig.colorbar(mesh, ax=ax, label='median importance weight')
+    ax.set_title(title, fontsize=10)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    log_ratio = np.log10(phantom / real)
+  log_ratio[~np.isfinite(log_ratio)] = np.nan
+  bound = np.nanmax(np.abs(log_ratio)) if np.isfinite(log_ratio).any() else 1.0
+  mesh = axes[2].pcolormesh(x_edges, y_edges, np.ma.masked_invalid(log_ratio).T, cmap='RdBu_r',
+                            vmin=-bound, vmax=bound)
+  fig.colorbar(mesh, ax=axes[2], label='log10(median phantom / median real)')
+  axes[2].set_title('phantom / real (red: LSAM up-weights)', fontsize=10)
+  for ax in axes:
+    ax.set_xlabel('y v_easy phi_easy')
+    ax.set_ylabel('y v_hard phi_hard')
+    if x_edges[0] < 0 < x_edges[-1]:  # zero lines only where they do not widen the axes
+      ax.axvline(0, color='gray', lw=0.6)
+    if y_edges[0] < 0 < y_edges[-1]:
+      ax.axhline(0, color='gray', lw=0.6)
+  fig.suptitle(f'Fig. 5 (2-D): LSAM rho={chosen["rho"]:g}, complexity '
+               f'{chosen["complexity"]:g}, all seeds, second half of training, '
+               f'{int(counts.sum())} points in {int((counts > 0).sum())} non-empty cells')
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig5_importance_2d.png')
+
+
+def figG_lorenz_over_time(config, outputs, records, workdir) -> Optional[str]:
+  """Appendix G: Fig. 3's Lorenz curves at several checkpoints during training."""
+  chosen = figure_runs(config, outputs, records)
+  if chosen is None:
+    return None
+  points = checkpoints(outputs)
+  lsam, sgd = chosen['lsam'], chosen['sgd']
+  snap = lambda i, field, k: getattr(outputs.snapshots, field)[i, k]
+  fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 4.2), squeeze=False,
+                           sharey=True)
+  for ax, k in zip(axes[0], points):
+    for label, weights, style in (
+        ('SGD model, real', snap(sgd, 'weight_real', k), '-'),
+        ('LSAM model, real', snap(lsam, 'weight_real', k), ':'),
+        ('LSAM model, phantom', snap(lsam, 'weight_phantom', k), '--')):
+      fraction, share = diagnostics.lorenz_curve(weights)
+      gini = float(diagnostics.gini(weights))
+      ax.plot(fraction, share, style, label=f'{label} (Gini {gini:.2f})')
+    ax.plot([0, 1], [0, 1], color='gray', lw=0.8)
+    ax.set_title(f'step {int(outputs.eval_steps[k])}', fontsize=10)
+    ax.set_xlabel('fraction of training points (heaviest first)')
+    ax.legend(fontsize=7, loc='lower right')
+  axes[0, 0].set_ylabel('fraction of total importance weight held')
+  fig.suptitle(f'Appendix G: Lorenz curves over training, complexity {chosen["complexity"]:g}, '
+               f'LSAM rho={chosen["rho"]:g}, seed {chosen["seed"]} (diagonal = uniform)')
+  fig.tight_layout()
+  return _save(fig, workdir, 'figG_lorenz_over_time.png')
+
+
+def figG_importance_over_time(config, outputs, records, workdir) -> Optional[str]:
+  """Appendix G: Fig. 5's median weight per contribution bin at several checkpoints."""
+  chosen = figure_runs(config, outputs, records)
+  if chosen is None:
+    return None
+  points = checkpoints(outputs)
+  indices = seed_group(outputs, chosen['lsam'])
+  fig, axes = plt.subplots(2, len(points), figsize=(4.2 * len(points), 7.5), squeeze=False)
+  for col, k in enumerate(points):
+    binned = importance_by_contribution(outputs, indices, snapshots=k)
+    for row, name in enumerate(('easy', 'hard')):
+      ax = axes[row, col]
+      centres, real, phantom = binned[name]
+      ax.semilogy(centres, real, 'o-', ms=4, label='real lambda')
+      ax.semilogy(centres, phantom, 's--', ms=4, label='phantom lambda~')
+      ax.set_xlabel(f'y v_{name} phi_{name} (bin median)')
+      ax.set_title(f'step {int(outputs.eval_steps[k])}: {name} contribution', fontsize=9)
+      ax.grid(alpha=0.3, which='both')
+      if col == 0:
+        ax.set_ylabel('median importance weight')
+  axes[0, 0].legend(fontsize=8)
+  fig.suptitle(f'Appendix G: Fig. 5 over training, LSAM rho={chosen["rho"]:g}, complexity '
+               f'{chosen["complexity"]:g}, all seeds')
+  fig.tight_layout()
+  return _save(fig, workdir, 'figG_importance_over_time.png')
 
 
 def fig6_interventions(config, outputs, records, workdir) -> Optional[str]:
@@ -460,7 +595,8 @@ def fig_learning_curves(config, outputs, records, workdir) -> Optional[str]:
 
 FIGURES: tuple[Callable, ...] = (fig1_contours, fig2a_probe_vs_rho, fig2b_ratio_vs_rho,
                                  fig3_lorenz, fig4_lr_scale, fig5_importance_bins,
-                                 fig6_interventions, figH_noise, figH_batch_size,
+                                 fig5_importance_2d, figG_lorenz_over_time,
+                                 figG_importance_over_time, fig6_interventions, figH_noise, figH_batch_size,
                                  fig_learning_curves)
 
 
