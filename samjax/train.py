@@ -47,9 +47,10 @@ from samjax.io_utils import atomic_write_json
 # spread over seeds measures training randomness alone.
 DATA_SEED = 0
 
-# Fields that may differ between a run and its resumption without changing what it computes.
+# Fields a resumed run may change: its length (num_train_steps, num_epochs; the schedule follows
+# the new length), logging, checkpointing cadence and input threads.
 RESUMABLE_FIELDS = ('num_train_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
-                    'log_every_steps', 'progress_bar')
+                    'log_every_steps', 'progress_bar', 'input_workers')
 
 
 class TrainingFault(RuntimeError):
