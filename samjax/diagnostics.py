@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samjax.sam import MaskOrFn, phantom_params, resolve_mask
+from samjax.transforms import MaskOrFn, phantom_params, resolve_mask
 
 PyTree = Any
 ArrayLike = Union[jax.Array, np.ndarray]

@@ -28,7 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from samjax import diagnostics
 from samjax.config_validation import MICROBATCH_MODES, OPTIMIZERS, PERTURBATIONS
-from samjax.sam import SamState, lsam, sam
+from samjax.gradients import (accumulated_grad, device_varying, mean_over_microbatches,
+                              merge_microbatches)
+from samjax.transforms import SamState, lsam, sam
 
 PyTree = Any
 DATA_AXIS = 'data'
@@ -126,51 +128,6 @@ def make_loss_fn(model) -> Callable:
   return loss_fn
 
 
-def _device_varying(tree: PyTree, axis_name: str) -> PyTree:
-  def cast(x):
-    aval = jax.typeof(x)
-    mat = getattr(aval, 'mat', None)  # jax >= 0.10; older releases name it `vma`
-    varying = mat.varying if mat is not None else getattr(aval, 'vma', frozenset())
-    if axis_name in varying:
-      return x
-    return jax.lax.pcast(x, axis_name, to='varying')
-  return jax.tree.map(cast, tree)
-
-
-def split_microbatches(batch: PyTree, k: int) -> PyTree:
-  """``[B, ...] -> [k, B/k, ...]``, micro-batch ``i`` holding rows ``i, i+k, i+2k, ...``.
-
-  Strided rather than contiguous so that, with the batch sharded over devices in contiguous
-  blocks, every micro-batch is spread over all devices and no row has to move.
-  """
-  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
-
-
-def merge_microbatches(x: jax.Array) -> jax.Array:
-  """Inverse of :func:`split_microbatches` for one stacked array."""
-  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
-
-
-def mean_over_microbatches(fn: Callable, batch: PyTree, k: int):
-  """``fn(micro_batch) -> (value, aux)``: the mean of ``value`` over ``k`` micro-batches and the
-  ``aux`` stacked ``[k, ...]``, one micro-batch in memory at a time (``lax.scan``)."""
-  if k == 1:
-    value, aux = fn(batch)
-    return value, jax.tree.map(lambda a: a[None], aux)
-  micro = split_microbatches(batch, k)
-  # The first micro-batch runs outside the scan so that the carry has the exact type of fn's
-  # output (under shard_map that includes which axes a value varies over).
-  total, first_aux = fn(jax.tree.map(lambda x: x[0], micro))
-
-  def body(total, micro_batch):
-    value, aux = fn(micro_batch)
-    return jax.tree.map(jnp.add, total, value), aux
-
-  total, rest_aux = jax.lax.scan(body, total, jax.tree.map(lambda x: x[1:], micro))
-  aux = jax.tree.map(lambda a, r: jnp.concatenate([a[None], r]), first_aux, rest_aux)
-  return jax.tree.map(lambda t: t / k, total), aux
-
-
 def _per_microbatch_sam_update(state: TrainState, params, batch, *, grad_and_aux, parts,
                                sam_index: int, k: int, axis_name: Optional[str]):
   """m-sharpness over micro-batches: each is perturbed with its own gradient.
@@ -189,7 +146,7 @@ def _per_microbatch_sam_update(state: TrainState, params, batch, *, grad_and_aux
 
     def grad_fn(phantom, *unused):
       if axis_name is not None:
-        phantom = _device_varying(phantom, axis_name)
+        phantom = device_varying(phantom, axis_name)
       (_, (logits_at_phantom, _)), phantom_grads = grad_and_aux(phantom, state.batch_stats,
                                                                  micro_batch)
       phantom_logits.append(logits_at_phantom)
@@ -217,16 +174,19 @@ def _local_step(state: TrainState, batch, *, loss_fn, tx, parts, sam_index, sche
   params = state.params
   if axis_name is not None:
     # Per-device gradients: replicated params would otherwise give gradients summed over the axis.
-    params = _device_varying(params, axis_name)
+    params = device_varying(params, axis_name)
   grad_and_aux = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def loss_and_aux(p, b):
+    loss, aux = loss_fn(p, state.batch_stats, b)
+    return loss, (loss, aux)
+
+  accumulated = accumulated_grad(loss_and_aux, microbatches, has_aux=True)
 
   def grads_at(p, b):
     """Mean loss and gradient over the micro-batches of ``b`` (the batch itself when k = 1)."""
-    def one(micro_batch):
-      (loss, aux), g = grad_and_aux(p, state.batch_stats, micro_batch)
-      return (loss, g), aux
-    (loss, g), aux = mean_over_microbatches(one, b, microbatches)
-    return loss, g, aux
+    g, (losses, aux) = accumulated(p, b)
+    return jnp.mean(losses), g, aux
 
   if microbatches > 1 and microbatch_mode == 'per_microbatch' and uses_sam:
     updates, opt_state, loss, (logits, phantom, new_stats) = _per_microbatch_sam_update(
@@ -239,7 +199,7 @@ def _local_step(state: TrainState, batch, *, loss_fn, tx, parts, sam_index, sche
 
     def grad_fn(phantom, *unused):  # *unused: optax.contrib.sam passes an inner-step index
       if axis_name is not None:  # leaves outside an LSAM mask are still replicated
-        phantom = _device_varying(phantom, axis_name)
+        phantom = device_varying(phantom, axis_name)
       _, phantom_grads, (logits_at_phantom, _) = grads_at(phantom, batch)
       phantom_logits.append(logits_at_phantom)  # same trace: reuses this forward pass
       return phantom_grads

@@ -20,8 +20,9 @@ gradient, so it composes with any optax chain::
     tx = optax.chain(samjax.sam(0.05), optax.sgd(0.1, momentum=0.9))
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
 
-Place it first in the chain: what precedes it shapes only the ascent direction,
-what follows it sees the phantom gradient.
+Place it first in the chain: what precedes it shapes only the ascent direction
+(which SAM normalises, so a clip there has no effect), what follows it sees the
+phantom gradient (clip, weight decay and learning-rate schedules go there).
 
 References:
   Foret et al., Sharpness-Aware Minimization for Efficiently Improving
@@ -41,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from samjax.gradients import tracks_varying, varying_axes
 
 PyTree = Any
 ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
@@ -184,15 +187,85 @@ def _phantom_and_perturbation_norm(params, grads, rho, *, adaptive, adaptive_eta
   return treedef.unflatten(phantom), treedef.unflatten(perturbation), perturbation_norm
 
 
+def _concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_number(name: str, value, *, positive: bool) -> None:
+  """``value`` is a real scalar (or, under ``optax.inject_hyperparams``, a scalar array)."""
+  if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
+    raise ValueError(f'sam: {name} must be a number, got {value!r}.')
+  if np.ndim(value) != 0:
+    raise ValueError(f'sam: {name} must be a scalar, got shape {np.shape(value)}.')
+  if _concrete(value):
+    v = float(value)
+    if not np.isfinite(v) or v < 0 or (positive and v == 0):
+      raise ValueError(f"sam: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {v}.")
+
+
 def _check_rho(rho: ScalarOrSchedule) -> None:
   if callable(rho):
     return
   if isinstance(rho, bool) or not isinstance(rho, (numbers.Real, np.ndarray, jax.Array)):
     raise ValueError(f'sam: rho must be a non-negative float or an optax schedule, got {rho!r}.')
-  if not isinstance(rho, jax.core.Tracer) and np.ndim(rho) == 0:
-    value = float(rho)
-    if not np.isfinite(value) or value < 0:
-      raise ValueError(f'sam: rho must be a finite number >= 0, got {value}.')
+  _check_number('rho', rho, positive=False)
+
+
+def _check_schedule_start(rho: ScalarOrSchedule) -> None:
+  """A schedule's radius at step 0, where it can be evaluated (not under a trace)."""
+  if not callable(rho):
+    return
+  value = rho(jnp.zeros((), jnp.int32))
+  if _concrete(value):
+    if np.ndim(value) != 0:
+      raise ValueError(f'sam: the rho schedule must return a scalar, got shape {np.shape(value)}.')
+    v = float(value)
+    if not np.isfinite(v) or v < 0:
+      raise ValueError(f'sam: the rho schedule gives {v} at step 0; a radius must be finite and >= 0.')
+
+
+def _check_mask_selects_something(mask: MaskOrFn, params: PyTree) -> None:
+  leaves = jax.tree.leaves(resolve_mask(mask, params))
+  if not leaves:
+    return  # no parameters at all: nothing to perturb, nothing to warn about
+  if all(_is_static_bool(m) or _concrete(m) for m in leaves) and not any(
+      bool(np.any(m)) for m in leaves):
+    raise ValueError(
+        'sam: the mask selects no parameter, so nothing would be perturbed and sam would be '
+        'plain gradient descent. Select at least one leaf (True), or drop sam from the chain.')
+
+
+def _check_varying(tree: PyTree, axis_name: str, what: str) -> None:
+  """Under shard_map(check_vma=True): every leaf of ``tree`` must vary over ``axis_name``."""
+  if not tracks_varying(axis_name, caller=f'sam(axis_name={axis_name!r})'):
+    return  # pmap / check_vma=False: JAX cannot tell (see sam's docstring)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if axis_name not in varying_axes(leaf):
+      raise ValueError(
+          f'sam(axis_name={axis_name!r}): {what} does not vary over {axis_name!r} (leaf '
+          f'{jax.tree_util.keystr(path) or "<root>"}): under shard_map with check_vma=True, '
+          f'jax.grad with respect to replicated parameters is already summed over the axis, and '
+          f'sam would average a sum. Take per-device gradients with '
+          f'samjax.per_device_grad(loss_fn, {axis_name!r}), both for the gradient and inside '
+          f'grad_fn.')
+
+
+def _call_grad_fn(grad_fn: Callable, phantom: PyTree, like: PyTree, has_aux: bool) -> PyTree:
+  """``grad_fn(phantom)``'s gradient, checked against the structure of the clean gradient."""
+  out = grad_fn(phantom)
+  if has_aux:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise ValueError(
+          'sam(has_aux=True): grad_fn must return a pair (grads, aux), got '
+          f'{type(out).__name__}.')
+    out = out[0]
+  if jax.tree.structure(out) != jax.tree.structure(like):
+    hint = (' It returned a pair: if grad_fn returns (grads, aux), pass has_aux=True.'
+            if not has_aux and isinstance(out, tuple) and len(out) == 2 else '')
+    raise ValueError(
+        'sam: grad_fn(params) must return gradients with the structure of the gradient passed '
+        f'to update(); got {jax.tree.structure(out)}, expected {jax.tree.structure(like)}.{hint}')
+  return out
 
 
 def sam(
@@ -204,29 +277,39 @@ def sam(
     mask: MaskOrFn = None,
     axis_name: Optional[str] = None,
     sync_perturbation: bool = True,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization: replaces ``g`` with the gradient at the phantom.
 
   Args:
-    rho: perturbation radius, a float ``>= 0`` or an optax schedule of the step.
+    rho: perturbation radius, a float ``>= 0`` or an optax schedule of the step (its value at
+      step 0 is checked at ``init``). Works under ``optax.inject_hyperparams(samjax.sam)``:
+      a ``rho`` changed in ``state.hyperparams`` takes effect at the next step (pass a callable
+      ``mask`` there as ``static_args=('mask',)``, or inject_hyperparams takes it for a schedule).
     adaptive: ASAM (Kwon et al., 2021): ``e = rho T^2 g / ||T g||``,
       ``T = |theta| + adaptive_eta``.
     adaptive_eta: ASAM's ``eta``.
     eps: added to the norm, so a zero gradient gives a zero perturbation.
     mask: which leaves to perturb: a pytree of bools matching params (or a
       prefix of it) or a callable ``params -> mask``. Norms run over these
-      leaves only; every leaf receives the phantom gradient.
+      leaves only; every leaf receives the phantom gradient. A mask that
+      selects no leaf is an error at ``init``.
     axis_name: the mapped axis when used inside ``pmap``/``shard_map``; the
-      incoming gradient is then per-device and the output is always averaged
-      over the axis. Under ``shard_map`` with ``check_vma=True`` (JAX's
-      default), ``jax.grad`` with respect to replicated parameters already sums
-      over the axis; differentiate with respect to
-      ``jax.lax.pcast(params, axis_name, to='varying')`` (or use
-      ``check_vma=False``) to hand ``sam`` per-device gradients.
+      incoming gradient and ``grad_fn``'s result must be per-device and the
+      output is averaged over the axis. Under ``shard_map`` with ``check_vma=True``
+      (JAX's default) ``jax.grad`` with respect to replicated parameters already
+      sums over the axis: a gradient or ``grad_fn`` result that does not vary over
+      ``axis_name`` is an error at trace time; compute both with
+      :func:`samjax.per_device_grad`. Under ``pmap`` or ``check_vma=False`` JAX does not
+      track which values vary, so this cannot be checked: there ``jax.grad`` gives
+      per-device gradients, which is what ``sam`` needs.
     sync_perturbation: with ``axis_name``, ``True`` averages the gradient over
       the axis before forming the perturbation (one phantom for the global
       batch); ``False`` perturbs each device with its own gradient (Foret et
-      al.'s m-sharpness, ``m`` = per-device batch).
+      al.'s m-sharpness, ``m`` = per-device batch). ``False`` needs ``axis_name``.
+    has_aux: ``grad_fn`` returns ``(grads, aux)``. The phantom pass's ``aux`` is discarded:
+      quantities such as BatchNorm statistics and metrics belong to the clean pass at
+      ``theta``, which the caller computes itself.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
@@ -234,10 +317,13 @@ def sam(
     ``axis_name``).
   """
   _check_rho(rho)
-  if not isinstance(adaptive_eta, numbers.Real) or adaptive_eta < 0:
-    raise ValueError(f'sam: adaptive_eta must be >= 0, got {adaptive_eta!r}.')
-  if not isinstance(eps, numbers.Real) or eps <= 0:
-    raise ValueError(f'sam: eps must be > 0, got {eps!r}.')
+  _check_number('adaptive_eta', adaptive_eta, positive=False)
+  _check_number('eps', eps, positive=True)
+  if not sync_perturbation and axis_name is None:
+    raise ValueError(
+        'sam: sync_perturbation=False perturbs each device with its own gradient and needs '
+        "axis_name (the pmap/shard_map axis, e.g. axis_name='data'); without it there is one "
+        'device and nothing to desynchronise.')
   if mask is not None and not callable(mask):
     for leaf in jax.tree.leaves(mask):
       if not isinstance(leaf, (bool, np.bool_, np.ndarray, jax.Array)):
@@ -245,7 +331,8 @@ def sam(
 
   def init_fn(params: PyTree) -> SamState:
     if mask is not None:
-      resolve_mask(mask, params)  # fail at init, not at the first step
+      _check_mask_selects_something(mask, params)  # fail at init, not at the first step
+    _check_schedule_start(rho)
     zero = jnp.zeros((), jnp.float32)
     return SamState(count=jnp.zeros((), jnp.int32), grad_norm=zero,
                     perturbation_norm=zero, cosine=zero)
@@ -261,14 +348,16 @@ def sam(
     grads = updates
     synced = grads
     if axis_name is not None:
+      _check_varying(grads, axis_name, 'the gradient passed to update()')
       synced = jax.lax.pmean(grads, axis_name)
     ascent = synced if (axis_name is None or sync_perturbation) else grads
     radius = rho(state.count) if callable(rho) else rho
     phantom, _, perturbation_norm = _phantom_and_perturbation_norm(
         params, ascent, radius, adaptive=adaptive, adaptive_eta=adaptive_eta,
         eps=eps, mask=mask)
-    phantom_grads = grad_fn(phantom)
+    phantom_grads = _call_grad_fn(grad_fn, phantom, grads, has_aux)
     if axis_name is not None:
+      _check_varying(phantom_grads, axis_name, 'grad_fn(phantom)')
       phantom_grads = jax.lax.pmean(phantom_grads, axis_name)
     if axis_name is not None and not sync_perturbation:
       perturbation_norm = jax.lax.pmean(perturbation_norm, axis_name)
@@ -300,14 +389,24 @@ def head_mask(params: PyTree, head: str = 'head') -> PyTree:
   return tree
 
 
-def lsam(rho: ScalarOrSchedule, *, head: str = 'head', **kwargs) -> optax.GradientTransformationExtraArgs:
+def lsam(
+    rho: ScalarOrSchedule,
+    *,
+    head: str = 'head',
+    adaptive: bool = False,
+    adaptive_eta: float = 0.01,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    sync_perturbation: bool = True,
+    has_aux: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   """LSAM (Springer et al., 2024): SAM that perturbs only the classifier head.
 
   The phantom is ``(theta, v + rho g_v / ||g_v||)``; the descent gradient for
   every parameter is taken there. ``head`` names the module (a dict key in the
-  params tree) holding the last layer. Other keyword arguments are those of
-  :func:`sam`.
+  params tree) holding the last layer. The other arguments are those of
+  :func:`sam` (written out so that ``optax.inject_hyperparams(samjax.lsam)`` sees them).
   """
-  if 'mask' in kwargs:
-    raise ValueError('lsam: the mask is the head; use sam(mask=...) for another mask.')
-  return sam(rho, mask=lambda params: head_mask(params, head), **kwargs)
+  return sam(rho, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
+             mask=lambda params: head_mask(params, head), axis_name=axis_name,
+             sync_perturbation=sync_perturbation, has_aux=has_aux)
