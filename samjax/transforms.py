@@ -221,7 +221,7 @@ def _check_schedule_start(rho: ScalarOrSchedule) -> None:
       raise ValueError(f'sam: the rho schedule must return a scalar, got shape {np.shape(value)}.')
     v = float(value)
     if not np.isfinite(v) or v < 0:
-      raise ValueError(f'sam: the rho schedule gives {v} at step 0; a radius must be finite and >= 0.')
+      raise ValueError(f'sam: the rho schedule gives {v:.6g} at step 0; a radius must be finite and >= 0.')
 
 
 def _check_mask_selects_something(mask: MaskOrFn, params: PyTree) -> None:

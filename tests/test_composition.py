@@ -1,0 +1,372 @@
+"""samjax.sam composed as a client composes it: own models, own chains, own shard_map/pmap steps.
+
+Every expected value is computed independently of samjax: per-shard gradients with jax.grad on
+one device, phantoms written out in numpy.
+"""
+
+import functools
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import samjax
+
+N = 8  # CPU devices (tests/conftest.py)
+
+
+def mlp_loss(params, x, y):
+  h = jnp.tanh(x @ params['body']['w'])
+  logits = h @ params['head']['w'] + params['head']['b']
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def setup(seed=0, n=64):
+  rng = np.random.default_rng(seed)
+  params = {'body': {'w': rng.normal(size=(5, 6)).astype(np.float32)},
+            'head': {'w': rng.normal(size=(6, 3)).astype(np.float32),
+                     'b': np.zeros(3, np.float32)}}
+  x = rng.normal(size=(n, 5)).astype(np.float32)
+  y = rng.integers(0, 3, size=n).astype(np.int32)
+  return jax.tree.map(jnp.asarray, params), jnp.asarray(x), jnp.asarray(y)
+
+
+def np_tree(t):
+  return jax.tree.map(np.asarray, t)
+
+
+def flat_norm(tree):
+  return float(np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in jax.tree.leaves(tree))))
+
+
+def hand_phantom(params, g, rho, head_only=False):
+  """theta + rho g / ||g||, over all leaves or the head only, in numpy."""
+  sel = {k: (k == 'head') or not head_only for k in params}
+  norm = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2)
+                     for k in params if sel[k] for v in jax.tree.leaves(g[k])))
+  return {k: (jax.tree.map(lambda p, v: np.asarray(p) + rho * np.asarray(v) / norm, params[k], g[k])
+              if sel[k] else np_tree(params[k])) for k in params}
+
+
+def hand_parallel_sam(params, x, y, rho, *, sync, head_only=False):
+  """Data-parallel SAM on N shards, by hand: per-shard gradients from jax.grad on one device."""
+  xs, ys = x.reshape(N, -1, x.shape[-1]), y.reshape(N, -1)
+  grad = lambda p, i: np_tree(jax.grad(mlp_loss)(jax.tree.map(jnp.asarray, p), xs[i], ys[i]))
+  grads = [grad(params, i) for i in range(N)]
+  mean = lambda trees: jax.tree.map(lambda *v: np.mean(v, axis=0), *trees)
+  outs = [grad(hand_phantom(params, mean(grads) if sync else grads[i], rho, head_only), i)
+          for i in range(N)]
+  return mean(outs), mean(grads)
+
+
+def mesh():
+  return Mesh(np.array(jax.devices()[:N]), ('data',))
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
+
+
+# ---- 1. the invariant-gradient guard ---------------------------------------------------------
+
+def test_plain_grad_under_check_vma_shard_map_is_a_clear_error():
+  params, x, y = setup()
+  tx = samjax.sam(0.1, axis_name='data')
+
+  @functools.partial(jax.shard_map, mesh=mesh(), in_specs=(P(), P('data'), P('data')),
+                     out_specs=P())
+  def step(p, xb, yb):
+    grad_fn = lambda q: jax.grad(mlp_loss)(q, xb, yb)  # summed over the axis: the bug
+    return tx.update(grad_fn(p), tx.init(p), p, grad_fn=grad_fn)[0]
+
+  with pytest.raises(ValueError, match=r"gradient passed to update\(\) does not vary over 'data'"
+                     r".*samjax.per_device_grad"):
+    jax.jit(step)(params, x, y)
+
+
+@pytest.mark.parametrize('sync', [True, False])
+def test_a_summed_phantom_gradient_is_a_clear_error(sync):
+  params, x, y = setup()
+  tx = samjax.sam(0.1, axis_name='data', sync_perturbation=sync)
+
+  @functools.partial(jax.shard_map, mesh=mesh(), in_specs=(P(), P('data'), P('data')),
+                     out_specs=P())
+  def step(p, xb, yb):
+    grads = samjax.per_device_grad(mlp_loss, 'data')(p, xb, yb)
+    # grad_fn differentiates at the phantom, which is replicated when sync=True: summed.
+    # With sync=False the phantom varies, but the leaves could still be invariant: guard both.
+    grad_fn = lambda q: jax.lax.psum(jax.grad(mlp_loss)(q, xb, yb), 'data')
+    return tx.update(grads, tx.init(p), p, grad_fn=grad_fn)[0]
+
+  with pytest.raises(ValueError, match=r"grad_fn\(phantom\) does not vary over 'data'"):
+    jax.jit(step)(params, x, y)
+
+
+def test_axis_name_outside_any_mapped_axis_is_a_clear_error():
+  params, x, y = setup()
+  tx = samjax.sam(0.1, axis_name='data')
+  grad_fn = lambda q: jax.grad(mlp_loss)(q, x, y)
+  with pytest.raises(ValueError, match="axis 'data' is not bound"):
+    tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)
+
+
+# ---- 2. per_device_grad: both sync modes, shard_map and pmap ---------------------------------
+
+@pytest.mark.parametrize('head_only', [False, True])
+@pytest.mark.parametrize('sync', [True, False])
+def test_per_device_grad_in_shard_map_equals_hand_computed_sam(sync, head_only):
+  params, x, y = setup(seed=1)
+  rho = 0.3
+  tx = (samjax.lsam if head_only else samjax.sam)(rho, axis_name='data', sync_perturbation=sync)
+
+  @functools.partial(jax.shard_map, mesh=mesh(), in_specs=(P(), P('data'), P('data')),
+                     out_specs=(P(), P()))
+  def step(p, xb, yb):
+    grad_fn = samjax.per_device_grad(mlp_loss, 'data')
+    out, state = tx.update(grad_fn(p, xb, yb), tx.init(p), p,
+                           grad_fn=lambda q: grad_fn(q, xb, yb))
+    return out, state.grad_norm
+
+  out, grad_norm = jax.jit(step)(params, x, y)
+  expected, mean_grad = hand_parallel_sam(np_tree(params), np.asarray(x), np.asarray(y), rho,
+                                          sync=sync, head_only=head_only)
+  assert_trees_close(out, expected)
+  # ||g|| of the global gradient over the perturbed leaves, not N times it.
+  want = flat_norm(mean_grad['head'] if head_only else mean_grad)
+  np.testing.assert_allclose(grad_norm, want, rtol=1e-5)
+
+
+def test_per_device_grad_returns_each_devices_own_gradient():
+  params, x, y = setup(seed=2)
+
+  @functools.partial(jax.shard_map, mesh=mesh(), in_specs=(P(), P('data'), P('data')),
+                     out_specs=P('data'))
+  def per_device(p, xb, yb):
+    g = samjax.per_device_grad(mlp_loss, 'data')(p, xb, yb)
+    return jax.tree.map(lambda v: v[None], g)
+
+  got = jax.jit(per_device)(params, x, y)
+  xs, ys = x.reshape(N, -1, 5), y.reshape(N, -1)
+  for i in range(N):
+    want = jax.grad(mlp_loss)(params, xs[i], ys[i])
+    assert_trees_close(jax.tree.map(lambda v: v[i], got), want)
+
+
+def test_per_device_grad_argnums_and_has_aux():
+  params, x, y = setup(seed=3)
+
+  def loss_xy(xb, p, yb):  # params second
+    return mlp_loss(p, xb, yb), jnp.sum(yb)
+
+  @functools.partial(jax.shard_map, mesh=mesh(), in_specs=(P(), P('data'), P('data')),
+                     out_specs=(P('data'), P('data')))
+  def per_device(p, xb, yb):
+    g, aux = samjax.per_device_grad(loss_xy, 'data', argnums=1, has_aux=True)(xb, p, yb)
+    return jax.tree.map(lambda v: v[None], g), aux[None]
+
+  got, aux = jax.jit(per_device)(params, x, y)
+  xs, ys = x.reshape(N, -1, 5), y.reshape(N, -1)
+  for i in range(N):
+    assert_trees_close(jax.tree.map(lambda v: v[i], got), jax.grad(mlp_loss)(params, xs[i], ys[i]))
+    assert int(aux[i]) == int(np.sum(ys[i]))
+
+
+@pytest.mark.parametrize('sync', [True, False])
+def test_per_device_grad_in_pmap_equals_hand_computed_sam(sync):
+  params, x, y = setup(seed=4)
+  rho = 0.2
+  tx = samjax.sam(rho, axis_name='batch', sync_perturbation=sync)
+
+  def step(p, xb, yb):
+    grad_fn = samjax.per_device_grad(mlp_loss, 'batch')
+    return tx.update(grad_fn(p, xb, yb), tx.init(p), p, grad_fn=lambda q: grad_fn(q, xb, yb))[0]
+
+  out = jax.pmap(step, axis_name='batch', in_axes=(None, 0, 0))(
+      params, x.reshape(N, -1, 5), y.reshape(N, -1))
+  expected, _ = hand_parallel_sam(np_tree(params), np.asarray(x), np.asarray(y), rho, sync=sync)
+  for d in range(N):
+    assert_trees_close(jax.tree.map(lambda v: v[d], out), expected)
+
+
+# ---- 3. has_aux -------------------------------------------------------------------------------
+
+def test_has_aux_discards_the_phantom_aux_and_gives_the_same_update():
+  params, x, y = setup(seed=5)
+  grad_only = lambda q: jax.grad(mlp_loss)(q, x, y)
+  with_aux = lambda q: (grad_only(q), {'phantom_loss': mlp_loss(q, x, y)})
+  out_plain, _ = samjax.sam(0.2).update(grad_only(params), samjax.sam(0.2).init(params), params,
+                                        grad_fn=grad_only)
+  tx = samjax.sam(0.2, has_aux=True)
+  out_aux, state = tx.update(grad_only(params), tx.init(params), params, grad_fn=with_aux)
+  assert_trees_close(out_aux, out_plain, rtol=0, atol=0)
+  assert isinstance(state, samjax.SamState)
+
+
+def test_a_pair_without_has_aux_is_a_clear_error():
+  params, x, y = setup()
+  grad_fn = lambda q: (jax.grad(mlp_loss)(q, x, y), 0.0)
+  tx = samjax.sam(0.1)
+  with pytest.raises(ValueError, match='pass has_aux=True'):
+    tx.update(grad_fn(params)[0], tx.init(params), params, grad_fn=grad_fn)
+
+
+# ---- 4. optax.inject_hyperparams --------------------------------------------------------------
+
+@pytest.mark.parametrize('factory', [samjax.sam, samjax.lsam])
+def test_inject_hyperparams_rho_change_takes_effect_next_step(factory):
+  params, x, y = setup(seed=6)
+  grad_fn = lambda q: jax.grad(mlp_loss)(q, x, y)
+  tx = optax.inject_hyperparams(factory)(rho=0.05)
+  state = tx.init(params)
+  step = jax.jit(lambda s: tx.update(grad_fn(params), s, params, grad_fn=grad_fn))
+  out, state = step(state)
+  head_only = factory is samjax.lsam
+  g = np_tree(grad_fn(params))
+  assert_trees_close(out, np_tree(grad_fn(hand_phantom(np_tree(params), g, 0.05, head_only))))
+  state.hyperparams['rho'] = jnp.asarray(0.4)
+  out, state = step(state)
+  assert_trees_close(out, np_tree(grad_fn(hand_phantom(np_tree(params), g, 0.4, head_only))))
+  assert int(state.inner_state.count) == 2
+
+
+# ---- 5. accumulation in a user's own step -----------------------------------------------------
+
+def test_accumulated_grad_equals_the_whole_batch_gradient():
+  params, x, y = setup(seed=7, n=48)
+  loss = lambda p, b: mlp_loss(p, b['x'], b['y'])
+  batch = {'x': x, 'y': y}
+  for k in (1, 3, 4):
+    assert_trees_close(samjax.accumulated_grad(loss, k)(params, batch),
+                       jax.grad(loss)(params, batch))
+
+
+def test_accumulated_grad_has_aux_stacks_per_microbatch():
+  params, x, y = setup(seed=8, n=12)
+  loss = lambda p, b: (mlp_loss(p, b['x'], b['y']), jnp.sum(b['y']))
+  grads, aux = samjax.accumulated_grad(loss, 3, has_aux=True)(params, {'x': x, 'y': y})
+  # Strided micro-batches: rows i, i+3, i+6, ...
+  np.testing.assert_array_equal(aux, [int(np.sum(np.asarray(y)[i::3])) for i in range(3)])
+  assert_trees_close(grads, jax.grad(lambda p: mlp_loss(p, x, y))(params))
+
+
+def test_sam_around_accumulated_grad_equals_unaccumulated_sam():
+  params, x, y = setup(seed=9, n=32)
+  batch = {'x': x, 'y': y}
+  loss = lambda p, b: mlp_loss(p, b['x'], b['y'])
+  tx = optax.chain(samjax.sam(0.1), optax.sgd(0.5, momentum=0.9))
+  grad = samjax.accumulated_grad(loss, 4)
+
+  @jax.jit
+  def accumulated_step(p, s):
+    u, s = tx.update(grad(p, batch), s, p, grad_fn=lambda q: grad(q, batch))
+    return optax.apply_updates(p, u), s
+
+  p, s = params, tx.init(params)
+  ref = np_tree(params)
+  trace = jax.tree.map(np.zeros_like, ref)
+  for _ in range(3):
+    p, s = accumulated_step(p, s)
+    g = np_tree(jax.grad(loss)(jax.tree.map(jnp.asarray, ref), batch))
+    d = np_tree(jax.grad(loss)(jax.tree.map(jnp.asarray, hand_phantom(ref, g, 0.1)), batch))
+    trace = jax.tree.map(lambda t, v: 0.9 * t + v, trace, d)
+    ref = jax.tree.map(lambda w, t: w - 0.5 * t, ref, trace)
+  assert_trees_close(p, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_multisteps_around_sam_is_not_the_accumulated_sam_step():
+  """Why the README says not to wrap sam in optax.MultiSteps: it perturbs with one micro-batch."""
+  params, x, y = setup(seed=10, n=32)
+  halves = [(x[:16], y[:16]), (x[16:], y[16:])]
+  inner = optax.chain(samjax.sam(0.5), optax.sgd(1.0))
+  multi = optax.MultiSteps(inner, every_k_schedule=2)
+  s = multi.init(params)
+  for xb, yb in halves:
+    gf = lambda q, xb=xb, yb=yb: jax.grad(mlp_loss)(q, xb, yb)
+    u, s = multi.update(gf(params), s, params, grad_fn=gf)
+  loss = lambda p, b: mlp_loss(p, b[0], b[1])
+  grad = samjax.accumulated_grad(loss, 2)
+  full = (x, y)
+  right, _ = inner.update(grad(params, full), inner.init(params), params,
+                          grad_fn=lambda q: grad(q, full))
+  gap = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(right)))
+  assert gap > 1e-3
+
+
+def test_accumulated_grad_bad_input_is_a_clear_error():
+  params, x, y = setup(n=10)
+  with pytest.raises(ValueError, match='num_microbatches must be an int >= 1'):
+    samjax.accumulated_grad(lambda p, b: 0.0, 0)
+  with pytest.raises(ValueError, match='divisible by 3'):
+    samjax.accumulated_grad(lambda p, b: mlp_loss(p, *b), 3)(params, (x, y))
+
+
+def test_accumulated_grad_per_device_in_shard_map():
+  params, x, y = setup(seed=11, n=64)
+  loss = lambda p, b: mlp_loss(p, b[0], b[1])
+  tx = samjax.sam(0.2, axis_name='data')
+
+  @functools.partial(jax.shard_map, mesh=mesh(), in_specs=(P(), P('data'), P('data')),
+                     out_specs=P())
+  def step(p, xb, yb):
+    grad = samjax.accumulated_grad(loss, 2, axis_name='data')
+    return tx.update(grad(p, (xb, yb)), tx.init(p), p, grad_fn=lambda q: grad(q, (xb, yb)))[0]
+
+  expected, _ = hand_parallel_sam(np_tree(params), np.asarray(x), np.asarray(y), 0.2, sync=True)
+  assert_trees_close(jax.jit(step)(params, x, y), expected)
+
+
+# ---- 6. where clipping goes -------------------------------------------------------------------
+
+def test_a_clip_before_sam_has_no_effect_and_after_sam_clips_the_applied_gradient():
+  params, x, y = setup(seed=12)
+  grad_fn = lambda q: jax.grad(mlp_loss)(q, x, y)
+  g = grad_fn(params)
+  c = 0.1 * flat_norm(g)  # a clip that bites
+  run = lambda tx: tx.update(g, tx.init(params), params, grad_fn=grad_fn)[0]
+  plain = run(optax.chain(samjax.sam(0.2), optax.sgd(1.0)))
+  before = run(optax.chain(optax.clip_by_global_norm(c), samjax.sam(0.2), optax.sgd(1.0)))
+  after = run(optax.chain(samjax.sam(0.2), optax.clip_by_global_norm(c), optax.sgd(1.0)))
+  assert_trees_close(before, plain)  # SAM normalises the ascent direction: the clip is lost
+  phantom_g = np_tree(grad_fn(hand_phantom(np_tree(params), np_tree(g), 0.2)))
+  scale = min(1.0, c / flat_norm(phantom_g))
+  assert_trees_close(after, jax.tree.map(lambda v: -scale * v, phantom_g))
+  np.testing.assert_allclose(flat_norm(after), c, rtol=1e-5)
+
+
+# ---- 7. validation ----------------------------------------------------------------------------
+
+def test_unsynchronised_perturbation_needs_an_axis():
+  with pytest.raises(ValueError, match='sync_perturbation=False .* needs axis_name'):
+    samjax.sam(0.1, sync_perturbation=False)
+
+
+def test_a_mask_that_selects_nothing_fails_at_init():
+  params, _, _ = setup()
+  tx = samjax.sam(0.1, mask={'body': False, 'head': False})
+  with pytest.raises(ValueError, match='selects no parameter'):
+    tx.init(params)
+  tx = samjax.sam(0.1, mask=lambda p: jax.tree.map(lambda _: False, p))
+  with pytest.raises(ValueError, match='selects no parameter'):
+    tx.init(params)
+
+
+def test_a_schedule_negative_at_step_zero_fails_at_init():
+  params, _, _ = setup()
+  tx = samjax.sam(optax.linear_schedule(-0.1, 0.1, 10))
+  with pytest.raises(ValueError, match='gives -0.1 at step 0'):
+    tx.init(params)
+
+
+# ---- 8. no name shadowing ---------------------------------------------------------------------
+
+def test_public_names_are_functions_and_no_module_shadows_them():
+  assert importlib.util.find_spec('samjax.sam') is None
+  assert callable(samjax.sam) and callable(samjax.lsam)
+  transforms = importlib.import_module('samjax.transforms')
+  assert samjax.sam is transforms.sam and samjax.SamState is transforms.SamState
