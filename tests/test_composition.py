@@ -370,3 +370,37 @@ def test_public_names_are_functions_and_no_module_shadows_them():
   assert callable(samjax.sam) and callable(samjax.lsam)
   transforms = importlib.import_module('samjax.transforms')
   assert samjax.sam is transforms.sam and samjax.SamState is transforms.SamState
+
+
+# ---- 9. Flax NNX: nnx.Optimizer passes grad_fn through ------------------------------------------
+
+def test_nnx_optimizer_with_lsam_equals_the_functional_update():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.body = nnx.Linear(5, 6, rngs=rngs)
+      self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jnp.tanh(self.body(x)))
+
+  _, x, y = setup(seed=13)
+  model = Net(nnx.Rngs(0))
+  to_dict = lambda m: {'body': {'w': m.body.kernel[...]},
+                       'head': {'w': m.head.kernel[...], 'b': m.head.bias[...]}}
+  start = to_dict(model)
+  assert not np.any(np.asarray(model.body.bias[...]))  # zero-initialised: mlp_loss has no body bias
+  optimizer = nnx.Optimizer(model, optax.chain(samjax.lsam(0.3), optax.sgd(0.5)), wrt=nnx.Param)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  grad_fn = jax.grad(lambda p: mlp_loss_nnx(nnx.merge(graphdef, p, rest), x, y))
+  optimizer.update(model, grad_fn(params), grad_fn=grad_fn)
+  g = np_tree(jax.grad(mlp_loss)(start, x, y))
+  phantom_g = np_tree(jax.grad(mlp_loss)(jax.tree.map(jnp.asarray, hand_phantom(np_tree(start), g, 0.3, head_only=True)), x, y))
+  want = jax.tree.map(lambda w, d: np.asarray(w) - 0.5 * d, start, phantom_g)
+  assert_trees_close(to_dict(model), want)
+
+
+def mlp_loss_nnx(model, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
