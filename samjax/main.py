@@ -49,6 +49,24 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+# Top-level packages of the `train` extra (pyproject.toml) that real-data training imports.
+TRAIN_EXTRA_MODULES = ('tensorflow', 'tensorflow_datasets', 'orbax', 'sklearn', 'tensorboardX',
+                       'importlib_resources')
+
+
+def import_training():
+  """``samjax.train``, or one line naming the extra when its dependencies are not installed."""
+  try:
+    from samjax import train  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    missing = (e.name or '').split('.')[0]
+    if missing not in TRAIN_EXTRA_MODULES:
+      raise
+    _error(f"real-data training needs the 'train' extra, which is not installed (no module "
+           f"{missing!r}): pip install 'samjax[train]' (in a checkout: pip install -e '.[train]').")
+  return train
+
+
 def run(config, workdir: str) -> dict:
   """Runs the job that ``config.job`` names."""
   job = config.get('job', 'train')
@@ -56,7 +74,7 @@ def run(config, workdir: str) -> dict:
     from samjax.toy import study  # pylint: disable=g-import-not-at-top
     return study.run(config, workdir)
   if job == 'train':
-    from samjax import train  # pylint: disable=g-import-not-at-top
+    train = import_training()
     return train.train_and_evaluate(config, workdir)
   raise ValueError(f"config.job: {job!r} is not one of 'toy', 'train'.")
 
