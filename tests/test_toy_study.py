@@ -41,6 +41,7 @@ def tiny_config():
   config.noise.gaussian_noise = (0.5,)
   config.noise.dropout = (0.2,)
   config.noise.hard_only = (True,)
+  config.compilation_cache_dir = ''  # tests leave the user's cache alone
   return config
 
 
@@ -94,7 +95,8 @@ def test_bad_config_raises_before_compiling(monkeypatch, tmp_path, field, value,
   def no_compiling(*args, **kwargs):
     raise AssertionError('compiled before validating')
 
-  monkeypatch.setattr(toy_train, 'compiled_sweep_fns', no_compiling)
+  monkeypatch.setattr(toy_train, "compiled_chunk", no_compiling)
+  monkeypatch.setattr(toy_train, "compiled_params_and_data", no_compiling)
   config = _with(get_config(), field, value)
   with pytest.raises(ValueError, match=message) as error:
     study.run(config, str(tmp_path))
