@@ -109,6 +109,12 @@ def fitting_values(records: Sequence[dict], knob: str,
                        for r in records if r[knob] == v))
 
 
+def unflipped_radii(records: Sequence[dict]) -> list:
+  """The radii at which no run's phantom ever flipped the sign of ``v~_easy``."""
+  return sorted(v for v in {r['rho'] for r in records}
+                if all(r['easy_flip_fraction'] == 0 for r in records if r['rho'] == v))
+
+
 def largest_gain(records: Sequence[dict], method: str = 'lsam'):
   """``(complexity, rho)`` of ``method``'s largest mean gain in hard-probe error over
   SGD among the radii that fit the training set; ``(None, None)`` if there is none."""
@@ -161,8 +167,7 @@ def figure_runs(config, outputs, records):
   noflip = outputs.select(method='lsam_noflip', rho=rho, **common)
   noflip_label = f'LSAM-noflip rho={rho:g}'
   if not noflip:
-    unflipped = [r['rho'] for r in select(runs, method='lsam', complexity=complexity)
-                 if r['easy_flip_fraction'] == 0]
+    unflipped = unflipped_radii(select(runs, method='lsam', complexity=complexity))
     if unflipped:
       noflip = outputs.select(method='lsam', rho=max(unflipped), **common)
       noflip_label = f'LSAM rho={max(unflipped):g} (no flip)'

@@ -331,8 +331,7 @@ def two_regimes_claim(runs: Sequence[dict], complexities: Sequence[float],
     if gain is None or gain_noflip is None:
       continue
     flips = plots.mean_std(lsam, 'easy_flip_fraction')[0]
-    unflipped = sorted({r['rho'] for r in plots.select(runs, method='lsam', complexity=c)
-                        if r['easy_flip_fraction'] == 0})
+    unflipped = plots.unflipped_radii(plots.select(runs, method='lsam', complexity=c))
     text = (f'{c:g} deg, rho={rho:g} (v~_easy flipped in {flips:.0%} of steps): LSAM gain '
             f'{_gain_text(gain)}, LSAM-noflip {_gain_text(gain_noflip)}')
     if gain['significant'] and gain['mean'] > 0:
@@ -587,6 +586,123 @@ def _intervention_table(config, records) -> list[str]:
   return lines
 
 
+# ----------------------------------------------------------------------------- sensitivity
+
+def _at_length(records: Sequence[dict], index: int) -> list[dict]:
+  """The records as they stood after evaluation ``index`` (probe and training error)."""
+  return [dict(r, hard_probe_error=r['hard_probe_error_curve'][index],
+               train_error=r['train_error_curve'][index]) for r in records]
+
+
+def sensitivity_cells(config, records) -> list[dict]:
+  """Per variant, complexity and training length: the claims of the map.
+
+  ``sgd_fails``: SGD's hard-probe error >= 0.2; ``lsam_gains``: the best radius that fits
+  the training set (at that length) beats SGD by more than two standard errors (paired
+  by seed); ``survives``: LSAM-noflip at that radius keeps >= SURVIVES of the gain. At the
+  full length also ``phantom_rises`` (Spearman >= 0.7 over >= 3 fitting radii, median
+  ratios), ``real_flat`` (range <= RATIO_TOLERANCE) and ``hard_up`` (scale-free
+  v~_hard/v_hard > 1 in every LSAM run at a fitting radius).
+  """
+  batch_size = plots.main_batch_size(config)
+  runs = [r for r in records if r['batch_size'] == batch_size and not r['label_noise']
+          and not r['gaussian_noise'] and not r['dropout']]
+  eval_every, num_steps = int(config.eval_every), int(config.num_steps)
+  lengths = tuple(config.sensitivity_steps) or (num_steps,)
+  cells = []
+  variant_names = list(dict.fromkeys(r['variant'] for r in runs))
+  for variant in variant_names:
+    for c in sorted({r['complexity'] for r in runs if r['variant'] == variant}):
+      at_c = [r for r in runs if r['variant'] == variant and r['complexity'] == c]
+      for length in lengths:
+        now = _at_length(at_c, length // eval_every - 1)
+        sgd = plots.select(now, method='sgd')
+        lsam = plots.select(now, method='lsam')
+        rho, best = _best(lsam, 'rho')
+        gain = paired_gain(sgd, best) if best else None
+        noflip = [r for r in plots.select(now, method='lsam_noflip') if r['rho'] == rho]
+        gain_noflip = paired_gain(sgd, noflip) if noflip else None
+        fitting = plots.fitting_values(lsam, 'rho')
+        cell = dict(variant=variant, complexity=c, steps=length, rho=rho,
+                    sgd_error=plots.mean_std(sgd, 'hard_probe_error')[0],
+                    lsam_error=plots.mean_std(best, 'hard_probe_error')[0],
+                    gain=gain, gain_noflip=gain_noflip, fitting=fitting,
+                    sgd_fails=plots.mean_std(sgd, 'hard_probe_error')[0] >= 0.2,
+                    lsam_gains=bool(gain and gain['significant'] and rho in fitting))
+        cell['share'] = (gain_noflip['mean'] / gain['mean']
+                         if cell['lsam_gains'] and gain_noflip else None)
+        cell['survives'] = cell['share'] is not None and cell['share'] >= SURVIVES
+        if length == num_steps:
+          fit_runs = [r for r in at_c if r['method'] == 'lsam' and r['rho'] in fitting]
+          if len(fitting) >= 3:
+            rhos, phantom, _ = plots.curve(fit_runs, 'rho', 'phantom_ratio_median')
+            _, real, _ = plots.curve(fit_runs, 'rho', 'real_ratio_median')
+            cell['phantom_rises'] = toy_metrics.spearman(rhos, phantom) >= 0.7
+            cell['real_flat'] = (real.max() - real.min()) / abs(real[0]) <= RATIO_TOLERANCE
+          cell['hard_up'] = bool(fit_runs) and all(
+              (r['lr_scale_hard_normalised'] or 0) > 1 for r in fit_runs)
+        cells.append(cell)
+  return cells
+
+
+SENSITIVITY_CLAIMS = (
+    ('sgd_fails', 'SGD fails on the spiral (hard-probe error >= 0.2)'),
+    ('lsam_gains', 'LSAM at a fitting radius beats SGD (paired, > 2 SE)'),
+    ('survives', f'LSAM-noflip keeps >= {SURVIVES:.0%} of that gain'),
+    ('phantom_rises', 'phantom ratio rises with rho over >= 3 fitting radii (Spearman >= 0.7)'),
+    ('real_flat', f'real ratio flat over the fitting radii (range <= {RATIO_TOLERANCE:.0%})'),
+    ('hard_up', 'scale-free v~_hard/v_hard > 1 in every fitting LSAM run'),
+)
+
+
+def sensitivity_section(config, records) -> list[str]:
+  """The map of where each claim holds, as markdown (empty without a sensitivity sweep)."""
+  cells = sensitivity_cells(config, records)
+  variant_names = list(dict.fromkeys(c['variant'] for c in cells))
+  if len(variant_names) < 2:
+    return []
+  lengths = sorted({c['steps'] for c in cells})
+  lines = ['## Sensitivity: where each claim holds', '',
+           'One knob at a time moved away from the defaults (`default`); every claim judged '
+           'by the rules above, per complexity and training length (probe and training errors '
+           f'read off the curves at {", ".join(map(str, lengths))} steps; the ratio claims at '
+           'the full length only). y = held, n = did not, - = not testable (fewer than 3 '
+           'fitting radii, or no significant gain to share).', '',
+           '| claim | ' + ' | '.join(variant_names) + ' |',
+           '|---' * (len(variant_names) + 1) + '|']
+  for key, name in SENSITIVITY_CLAIMS:
+    row = []
+    for variant in variant_names:
+      marks = []
+      for cell in (c for c in cells if c['variant'] == variant):
+        if key not in cell or (key == 'survives' and not cell['lsam_gains']):
+          continue
+        marks.append(f'{cell["complexity"]:g}@{cell["steps"]}:{"y" if cell[key] else "n"}')
+      held = sum(m.endswith('y') for m in marks)
+      row.append(f'{held}/{len(marks)} ({", ".join(m for m in marks if m.endswith("y"))})'
+                 if marks else '-')
+    lines.append(f'| {name} | ' + ' | '.join(row) + ' |')
+  lines += ['', 'Per cell: SGD hard-probe error, best fitting LSAM radius and its paired gain '
+            '(* = significant), share kept by LSAM-noflip.', '',
+            '| variant | complexity | ' + ' | '.join(f'{n} steps' for n in lengths) + ' |',
+            '|---|---|' + '---|' * len(lengths)]
+  for variant in variant_names:
+    for complexity in sorted({c['complexity'] for c in cells if c['variant'] == variant}):
+      row = []
+      for length in lengths:
+        cell = next(c for c in cells if c['variant'] == variant
+                    and c['complexity'] == complexity and c['steps'] == length)
+        gain = cell['gain']
+        text = f'SGD {cell["sgd_error"]:.2f}; '
+        text += (f'rho {cell["rho"]:g}: {gain["mean"]:+.3f}{"*" if cell["lsam_gains"] else ""}'
+                 if gain else 'no LSAM')
+        if cell['share'] is not None:
+          text += f', noflip {cell["share"]:.0%}'
+        row.append(text)
+      lines.append(f'| {variant} | {complexity:g} | ' + ' | '.join(row) + ' |')
+  return lines + ['']
+
+
 # ----------------------------------------------------------------------------- the report
 
 def write_report(config, outputs, records, figures: Sequence[str], workdir: str, *,
@@ -632,6 +748,7 @@ def write_report(config, outputs, records, figures: Sequence[str], workdir: str,
   for path in figures:
     name = os.path.basename(path)
     lines += [f'### {name}', '', f'![{name}]({name})', '']
+  lines += sensitivity_section(config, records)
   for title, table in (('Probe errors (clean data)', _probe_table(config, records)),
                        ('Phantom diagnostics', _diagnostics_table(config, records)),
                        ('Interventions: hard-probe error', _intervention_table(config, records))):

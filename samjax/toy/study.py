@@ -460,55 +460,61 @@ def summarize(config, outputs: StudyOutputs) -> list[dict]:
   gini_real, gini_phantom = (np.asarray(_batched_gini(getattr(outputs.snapshots, field)))
                              for field in ('weight_real', 'weight_phantom'))
   for i, row in enumerate(outputs.rows):
-    stats = jax.tree.map(lambda a: a[i], outputs.stats)
-    final = jax.tree.map(lambda a: a[i, -1], outputs.evaluations)
-    normalised = toy_metrics.normalised_lr_scales(stats.real_easy, stats.real_hard,
-                                                  stats.phantom_easy, stats.phantom_hard)
-    window_end = toy_metrics.learning_window_end(outputs.evaluations.hard_probe_error[i],
-                                                 outputs.eval_steps)
-    records.append({
-        'method': row.method,
-        'variant': row.variant,
-        'learning_rate': row.learning_rate,
-        'head_init': row.head_init,
-        'head_random': row.head_random,
-        **{f'data_{k}': v for k, v in row.data._asdict().items()},
-        'rho': row.rho,
-        'fixed_ratio': row.fixed_ratio,
-        'complexity': row.complexity,
-        'seed': row.seed,
-        'steps': int(config.num_steps),
-        'batch_size': row.batch_size,
-        'label_noise': row.label_noise,
-        'gaussian_noise': row.gaussian_noise,
-        'dropout': row.dropout,
-        'noise_hard_only': row.noise_hard_only,
-        'hard_probe_error': _finite(final.hard_probe_error),
-        'easy_probe_error': _finite(final.easy_probe_error),
-        'train_error': _finite(final.train_error),
-        'test_error': _finite(final.test_error),
-        'phantom_ratio': _finite(np.mean(stats.phantom_ratio)),
-        'phantom_ratio_of_means': _finite(np.mean(stats.phantom_hard)
-                                          / np.mean(stats.phantom_easy)),
-        'real_ratio': _finite(np.mean(stats.real_ratio)),
-        'real_ratio_of_means': _finite(np.mean(stats.real_hard) / np.mean(stats.real_easy)),
-        'phantom_ratio_median': _finite(np.median(stats.phantom_ratio)),
-        'real_ratio_median': _finite(np.median(stats.real_ratio)),
-        'lr_scale_easy': _finite(np.mean(stats.lr_scale_easy)),
-        'lr_scale_hard': _finite(np.mean(stats.lr_scale_hard)),
-        'lr_scale_easy_normalised': _finite(np.mean(normalised[0])),
-        'lr_scale_hard_normalised': _finite(np.mean(normalised[1])),
-        'easy_flip_fraction': toy_metrics.flip_fraction(stats.real_easy, stats.phantom_easy),
-        'hard_flip_fraction': toy_metrics.flip_fraction(stats.real_hard, stats.phantom_hard),
-        'learning_window_end': window_end,
-        'phantom_ratio_learning': _finite(np.mean(stats.phantom_hard[:window_end])
-                                          / np.mean(stats.phantom_easy[:window_end])),
-        'gini_real': _finite(np.mean(gini_real[i])),
-        'gini_phantom': _finite(np.mean(gini_phantom[i])),
-        'hard_probe_error_curve': [_finite(e) for e in outputs.evaluations.hard_probe_error[i]],
-        'easy_fit_step': easy_fit_step(outputs, i),
-    })
+    with np.errstate(divide='ignore', invalid='ignore'):  # a clipped phantom can be 0
+      records.append(_record(config, outputs, i, row, gini_real[i], gini_phantom[i]))
   return records
+
+
+def _record(config, outputs: StudyOutputs, i: int, row: RunRow, gini_real, gini_phantom) -> dict:
+  stats = jax.tree.map(lambda a: a[i], outputs.stats)
+  final = jax.tree.map(lambda a: a[i, -1], outputs.evaluations)
+  normalised = toy_metrics.normalised_lr_scales(stats.real_easy, stats.real_hard,
+                                                stats.phantom_easy, stats.phantom_hard)
+  window_end = toy_metrics.learning_window_end(outputs.evaluations.hard_probe_error[i],
+                                               outputs.eval_steps)
+  return {
+      'method': row.method,
+      'variant': row.variant,
+      'learning_rate': row.learning_rate,
+      'head_init': row.head_init,
+      'head_random': row.head_random,
+      **{f'data_{k}': v for k, v in row.data._asdict().items()},
+      'rho': row.rho,
+      'fixed_ratio': row.fixed_ratio,
+      'complexity': row.complexity,
+      'seed': row.seed,
+      'steps': int(config.num_steps),
+      'batch_size': row.batch_size,
+      'label_noise': row.label_noise,
+      'gaussian_noise': row.gaussian_noise,
+      'dropout': row.dropout,
+      'noise_hard_only': row.noise_hard_only,
+      'hard_probe_error': _finite(final.hard_probe_error),
+      'easy_probe_error': _finite(final.easy_probe_error),
+      'train_error': _finite(final.train_error),
+      'test_error': _finite(final.test_error),
+      'phantom_ratio': _finite(np.mean(stats.phantom_ratio)),
+      'phantom_ratio_of_means': _finite(np.mean(stats.phantom_hard)
+                                        / np.mean(stats.phantom_easy)),
+      'real_ratio': _finite(np.mean(stats.real_ratio)),
+      'real_ratio_of_means': _finite(np.mean(stats.real_hard) / np.mean(stats.real_easy)),
+      'phantom_ratio_median': _finite(np.median(stats.phantom_ratio)),
+      'real_ratio_median': _finite(np.median(stats.real_ratio)),
+      'lr_scale_easy': _finite(np.mean(stats.lr_scale_easy)),
+      'lr_scale_hard': _finite(np.mean(stats.lr_scale_hard)),
+      'lr_scale_easy_normalised': _finite(np.mean(normalised[0])),
+      'lr_scale_hard_normalised': _finite(np.mean(normalised[1])),
+      'easy_flip_fraction': toy_metrics.flip_fraction(stats.real_easy, stats.phantom_easy),
+      'hard_flip_fraction': toy_metrics.flip_fraction(stats.real_hard, stats.phantom_hard),
+      'learning_window_end': window_end,
+      'phantom_ratio_learning': _finite(np.mean(stats.phantom_hard[:window_end])
+                                        / np.mean(stats.phantom_easy[:window_end])),
+      'gini_real': _finite(np.mean(gini_real)),
+      'gini_phantom': _finite(np.mean(gini_phantom)),
+      'hard_probe_error_curve': [_finite(e) for e in outputs.evaluations.hard_probe_error[i]],
+      'train_error_curve': [_finite(e) for e in outputs.evaluations.train_error[i]],
+      'easy_fit_step': easy_fit_step(outputs, i),
+  }
 
 
 def easy_fit_step(outputs: StudyOutputs, index: int, margin: float = 1.0) -> Optional[int]:

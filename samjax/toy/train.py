@@ -362,9 +362,11 @@ def init_run(spec: RunSpec, setup: TrainSetup) -> tuple[RunState, RunData]:
 def init_params_and_data(spec: RunSpec, setup: TrainSetup) -> tuple[PyTree, RunData]:
   """The program-independent part of :func:`init_run`: data and initial parameters."""
   data = make_run_data(spec, setup)
-  init_key, head_key = jax.random.split(run_keys(spec, setup)['init'])
+  init_key = run_keys(spec, setup)['init']
   params = setup.model.init(init_key, data.train_x[:1])['params']
-  v0 = initial_head(spec, head_key)
+  # The head's own key is folded from the init key, so the feature MLPs start
+  # where they would without a random head.
+  v0 = initial_head(spec, jax.random.fold_in(init_key, 1))
   return toy_model.with_head_weights(params, v0), data._replace(initial_head=v0)
 
 
