@@ -172,9 +172,12 @@ def claims_main(config, outputs, records) -> list[Claim]:
     _, real, _ = plots.curve(fit_runs, 'rho', 'real_ratio_median')
     rising.append(toy_metrics.spearman(rhos, phantom))
     flat.append((real.max() - real.min()) / abs(real[0]))
+    _, phantom_of_means, _ = plots.curve(fit_runs, 'rho', 'phantom_ratio_of_means')
     flipped = sorted({r['rho'] for r in fit_runs if r['easy_flip_fraction'] > 0})
     parts.append(f'{c:g} deg (rho {rhos[0]:g}-{rhos[-1]:g}): phantom {phantom[0]:.2f} -> '
-                 f'{phantom[-1]:.2f}, Spearman {rising[-1]:+.2f}'
+                 f'{phantom[-1]:.2f}, Spearman {rising[-1]:+.2f} (ratio of means '
+                 f'{phantom_of_means[0]:.2f} -> {phantom_of_means[-1]:.2f}, Spearman '
+                 f'{toy_metrics.spearman(rhos, phantom_of_means):+.2f})'
                  + (f', v~_easy flips at rho {", ".join(f"{r:g}" for r in flipped)}'
                     if flipped else ''))
     flat_parts.append(f'{c:g} deg: real {real.min():.2f}-{real.max():.2f} over rho '
