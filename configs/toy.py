@@ -3,6 +3,7 @@
     python -m samjax.main --config=configs/toy.py --workdir=/tmp/toy             # Figs. 1-6
     python -m samjax.main --config=configs/toy.py:noise --workdir=/tmp/noise     # Fig. 9
     python -m samjax.main --config=configs/toy.py:batch_size --workdir=/tmp/bs   # Fig. 10
+    python -m samjax.main --config=configs/toy.py:sensitivity --workdir=/tmp/sens  # where claims hold
 
 Every run of a sweep is one element of a vmapped, scanned computation (see
 ``samjax/toy/study.py``); the product seeds x rhos x complexities (x ratios,
@@ -14,7 +15,8 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """``arg``: None / 'main' (Figs. 1-6), 'noise' (App. H.1) or 'batch_size' (App. H.2)."""
+  """``arg``: None / 'main' (Figs. 1-6), 'noise' (App. H.1), 'batch_size' (App. H.2)
+  or 'sensitivity' (where in the space of the lost constants each claim holds)."""
   config = ml_collections.ConfigDict()
   config.job = 'toy'
   config.name = 'main'
@@ -22,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Sweep. Runs with the same seed share training set, init and batch order.
   config.seed = 0                     # base key: a run's key is fold_in(key(seed), run seed)
   config.seeds = (0, 1, 2)
-  config.methods = ('sgd', 'lsam', 'sam', 'iw_only', 'lr_only', 'iw_lr')
+  config.methods = ('sgd', 'lsam', 'lsam_noflip', 'sam', 'iw_only', 'lr_only', 'iw_lr')
   config.rhos = (0.5, 1.0, 1.5, 2.0, 2.5)       # LSAM radii; SGD is rho = 0
   config.sam_rhos = (0.1, 0.25, 0.5)            # full SAM's training collapses at 0.75 here
   config.complexities = (180.0, 360.0, 540.0, 720.0)  # spiral rotation, degrees
@@ -37,7 +39,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_steps = 3000             # 50 epochs of 60 steps
   config.eval_every = 200             # steps per scan chunk: probes, snapshots, progress
   config.hidden = 32                  # width of each 3-layer feature MLP
-  config.head_init = 1.0              # v_easy = v_hard at init
+  config.head_init = 1.0              # v_easy = v_hard at init (scale of v)
+  config.head_random = False          # True: v = head_init |z|, z ~ N(0, I_2) per seed
+  # Interventions' v^: 'initial' = fixed for the run at the initial head's length
+  # (Appendix C fixes v^), 'tracking' = ||v^|| = ||v|| at every step.
+  config.intervention_norm = 'initial'
   config.num_probe = 2000             # fresh points for probe-train and again for probe-test
 
   # Data constants (Appendix E; the paper's values are lost, these are ours).
@@ -56,8 +62,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.noise.dropout = ()
   config.noise.hard_only = (False, True)
 
-  # Figures: Figs. 1, 3 and 5 show this complexity and the first seed.
-  config.figure_complexity = 540.0
+  # Figures: Figs. 1, 3 and 5 show this complexity and the first seed; None:
+  # the complexity (and fitting radius) where LSAM's gain over SGD is largest.
+  config.figure_complexity = None
+
+  # Sensitivity study (configs/toy.py:sensitivity): knob -> values, each run
+  # with every other knob at its default (one factor at a time); knobs are
+  # data.<constant>, learning_rate, head_init, head_random. Claims are judged
+  # after each of sensitivity_steps steps (read off the probe curves).
+  config.sensitivity = ml_collections.ConfigDict()
+  config.sensitivity_steps = ()
+
+  # Persistent XLA compilation cache ('' = off): a second run of a study loads
+  # its compiled programs instead of compiling them (docs/toy.md).
+  config.compilation_cache_dir = '~/.cache/samjax/jax'
 
   if arg in (None, '', 'main'):
     return config
@@ -79,4 +97,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.figure_complexity = 360.0
     config.batch_sizes = (2, 5, 20, 50)
     return config
-  raise ValueError(f"config: unknown argument {arg!r}; use 'main', 'noise' or 'batch_size'.")
+  if arg == 'sensitivity':
+    config.name = 'sensitivity'
+    config.methods = ('sgd', 'lsam', 'lsam_noflip')
+    config.rhos = (0.5, 1.0, 2.0, 2.5)
+    config.complexities = (360.0, 540.0, 720.0)
+    config.num_steps = 6000             # claims judged after 1000, 3000 and 6000 steps
+    config.eval_every = 500
+    config.sensitivity_steps = (1000, 3000, 6000)
+    config.num_probe = 1000
+    config.sensitivity = ml_collections.ConfigDict(dict(
+        easy_scale=(0.5, 2.0), easy_margin=(0.02, 0.3), hard_scale=(0.5, 2.0),
+        hard_noise=(0.0, 0.1), head_init=(0.5, 3.0), head_random=(True,),
+        learning_rate=(0.02, 0.1)))
+    return config
+  raise ValueError(f"config: unknown argument {arg!r}; use 'main', 'noise', 'batch_size' or "
+                   "'sensitivity'.")

@@ -21,11 +21,11 @@ def get_config(arg=None):
 
 
 def tiny_config():
-  """SGD, LSAM and one intervention (enough for every figure; the other methods'
-  steps are tested in test_toy_train), one noisy setting of each kind and two
-  batch sizes, a few steps: five compilations in all."""
+  """SGD, LSAM, LSAM-noflip and one intervention (enough for every figure; the other
+  methods' steps are tested in test_toy_train), one noisy setting of each kind and
+  two batch sizes, a few steps: three training programs in all."""
   config = get_config()
-  config.methods = ('sgd', 'lsam', 'iw_lr')
+  config.methods = ('sgd', 'lsam', 'lsam_noflip', 'iw_lr')
   config.seeds = (0, 1)
   config.rhos = (1.0, 2.0)
   config.complexities = (180.0, 540.0)
@@ -41,10 +41,11 @@ def tiny_config():
   config.noise.gaussian_noise = (0.5,)
   config.noise.dropout = (0.2,)
   config.noise.hard_only = (True,)
+  config.compilation_cache_dir = ''  # tests leave the user's cache alone
   return config
 
 
-@pytest.mark.parametrize('arg', [None, 'main', 'noise', 'batch_size'])
+@pytest.mark.parametrize('arg', [None, 'main', 'noise', 'batch_size', 'sensitivity'])
 def test_configs_are_valid(arg):
   config = get_config(arg)
   assert config.job == 'toy'
@@ -55,7 +56,10 @@ def test_configs_are_valid(arg):
 
 def test_default_config_covers_the_issue():
   config = get_config()
-  assert {'sgd', 'lsam', 'sam', 'iw_only', 'lr_only', 'iw_lr'} <= set(config.methods)
+  assert {'sgd', 'lsam', 'lsam_noflip', 'sam', 'iw_only', 'lr_only', 'iw_lr'} <= set(
+      config.methods)
+  assert config.intervention_norm == 'initial'  # Appendix C fixes v^
+  assert config.figure_complexity is None  # Fig. 1 where LSAM gains most
   assert len(config.rhos) >= 5 and len(config.complexities) >= 4 and len(config.seeds) >= 3
   assert config.batch_size == 5 and config.num_train == 300
 
@@ -89,12 +93,15 @@ def _with(config, field, value):
     ('learning_rate', 0.0, r'^learning_rate: must be > 0'),
     ('noise.dropout', (1.0,), r'^noise.dropout: must be < 1'),
     ('data.easy_margin', 1.5, r'^data.easy_margin: must be < 1'),
+    ('intervention_norm', 'fixed', r'^intervention_norm: expected one of'),
+    ('sensitivity_steps', (250,), r'^sensitivity_steps: 250 is not a multiple'),
 ])
 def test_bad_config_raises_before_compiling(monkeypatch, tmp_path, field, value, message):
   def no_compiling(*args, **kwargs):
     raise AssertionError('compiled before validating')
 
-  monkeypatch.setattr(toy_train, 'compiled_sweep_fns', no_compiling)
+  monkeypatch.setattr(toy_train, "compiled_chunk", no_compiling)
+  monkeypatch.setattr(toy_train, "compiled_params_and_data", no_compiling)
   config = _with(get_config(), field, value)
   with pytest.raises(ValueError, match=message) as error:
     study.run(config, str(tmp_path))
@@ -113,7 +120,7 @@ def test_rows_are_the_product_of_the_sweep():
   config = tiny_config()
   rows = study.build_rows(config)
   seeds, noise, complexities = len(config.seeds), 4, 2  # noise: clean + 3 kinds
-  first_batch = (1 + len(config.rhos)) * complexities + len(config.fixed_ratios) * 1
+  first_batch = (1 + 2 * len(config.rhos)) * complexities + len(config.fixed_ratios) * 1
   other_batches = (1 + len(config.rhos)) * complexities  # SGD and LSAM only
   assert len(rows) == (first_batch + other_batches) * seeds * noise
   assert {r.method for r in rows} == set(config.methods)
@@ -133,7 +140,9 @@ def test_run_writes_every_output(tmp_path):
   assert len(runs) == out['num_runs'] == len(study.build_rows(config))
   keys = {'method', 'rho', 'fixed_ratio', 'complexity', 'seed', 'steps', 'hard_probe_error',
           'easy_probe_error', 'train_error', 'phantom_ratio', 'real_ratio', 'lr_scale_easy',
-          'lr_scale_hard', 'gini_real', 'gini_phantom'}
+          'lr_scale_hard', 'gini_real', 'gini_phantom', 'lr_scale_easy_normalised',
+          'lr_scale_hard_normalised', 'easy_flip_fraction', 'phantom_ratio_median',
+          'real_ratio_median', 'phantom_ratio_learning', 'learning_window_end'}
   for run in runs:
     assert keys <= set(run)
     assert run['steps'] == 6
@@ -145,6 +154,7 @@ def test_run_writes_every_output(tmp_path):
   assert all(r['fixed_ratio'] is not None for r in runs if r['method'] == 'iw_lr')
   expected = {'fig1_feature_contours.png', 'fig2a_probe_error_vs_rho.png',
               'fig2b_ratio_vs_rho.png', 'fig3_lorenz.png', 'fig4_lr_scale.png',
+              'fig_importance_spread.png',
               'fig5_importance_by_contribution.png', 'fig5_importance_2d.png',
               'figG_lorenz_over_time.png', 'figG_importance_over_time.png',
               'fig6_interventions.png', 'figH_noise.png', 'figH_batch_size.png',

@@ -25,15 +25,14 @@ RHO = 0.7
 RATIO = 3.0
 
 
-def make_setup(method):
-  return toy_train.TrainSetup(method=method, hidden=8, learning_rate=LR, batch_size=5,
-                              num_train=10, num_probe=64)
+def make_setup(method, **kwargs):
+  return toy_train.TrainSetup(program=toy_train.PROGRAMS[method], hidden=8, batch_size=5,
+                              num_train=10, num_probe=64, **kwargs)
 
 
-def make_spec(seed=0, rho=RHO, ratio=RATIO, complexity=360.0):
-  f = jnp.float32
-  return toy_train.RunSpec(seed=jnp.int32(seed), rho=f(rho), fixed_ratio=f(ratio),
-                           complexity=f(complexity), corruption=toy_data.Corruption.clean())
+def make_spec(seed=0, rho=RHO, ratio=RATIO, complexity=360.0, method='lsam', **kwargs):
+  return toy_train.make_spec(seed=seed, rho=rho, fixed_ratio=ratio, complexity=complexity,
+                             method=method, **{'learning_rate': LR, **kwargs})
 
 
 params_and_data = jax.jit(toy_train.init_params_and_data, static_argnums=1,
@@ -49,10 +48,10 @@ def loss(params, x, y, setup):
 grad_loss = jax.jit(jax.grad(loss), static_argnums=3)
 
 
-def initial(method, spec=None, head=(1.3, 0.4)):
+def initial(method, spec=None, head=(1.3, 0.4), **setup_kwargs):
   """A fresh run with its head moved away from (1, 1), and its first batch."""
-  setup = make_setup(method)
-  spec = make_spec() if spec is None else spec
+  setup = make_setup(method, **setup_kwargs)
+  spec = make_spec(method=method) if spec is None else spec
   params, data = params_and_data(spec, make_setup('sgd'))  # the same for every method
   if head is not None:
     params = toy_model.with_head_weights(params, jnp.array(head))
@@ -81,7 +80,9 @@ def test_model_head_is_v_and_f_is_v_dot_phi():
 
 
 def test_sgd_step_is_plain_gradient_descent():
-  setup, spec, state, data, x, y = initial('sgd')
+  """SGD runs in LSAM's program at rho = 0: the phantom is v itself."""
+  setup, spec, state, data, x, y = initial('sgd', spec=make_spec(rho=0.0, method='sgd'))
+  assert setup.program == 'lsam'
   new_state, stats = train_step(state, data, spec, setup)
   assert_trees_close(new_state.params, descent(state.params, grad_loss(state.params, x, y, setup)))
   np.testing.assert_allclose(stats.phantom_ratio, stats.real_ratio)
@@ -110,22 +111,84 @@ def test_lsam_step_equals_the_phantom_equations():
 
 
 @functools.partial(jax.jit, static_argnums=3)
-def toy_and_reference_lsam_updates(params, x, y, setup, rho):
+def reference_lsam_update(params, x, y, setup, rho):
+  """One step of optax.chain(samjax.lsam(rho), optax.sgd(LR)), the library's LSAM."""
   grad_fn = lambda p: jax.grad(loss)(p, x, y, setup)
-  updates = []
-  for tx in (toy_train.make_optimizer(setup, rho), optax.chain(samjax.lsam(rho), optax.sgd(LR))):
-    updates.append(tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)[0])
-  return updates
+  tx = optax.chain(samjax.lsam(rho), optax.sgd(LR))
+  updates, _ = tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)
+  return optax.apply_updates(params, updates)
 
 
-def test_lsam_goes_through_the_samjax_optax_chain():
-  setup, spec, state, _, x, y = initial('lsam')
-  toy, reference = toy_and_reference_lsam_updates(state.params, x, y, setup, spec.rho)
-  assert_trees_close(toy, reference, rtol=0, atol=0)
+def test_lsam_step_is_the_samjax_optax_chain_step():
+  setup, spec, state, data, x, y = initial('lsam')
+  new_state, _ = train_step(state, data, spec, setup)
+  assert_trees_close(new_state.params, reference_lsam_update(state.params, x, y, setup, spec.rho),
+                     rtol=1e-5, atol=1e-7)
+
+
+def test_clip_at_zero():
+  v = jnp.array([1.0, -2.0, 0.5, -0.1])
+  phantom = jnp.array([-0.3, -1.0, 0.2, 0.4])
+  np.testing.assert_array_equal(toy_train.clip_at_zero(v, phantom), np.float32([0, -1, 0.2, 0]))
+
+
+def test_lsam_noflip_clips_the_phantom_and_descends_at_it():
+  """A radius large enough to flip v~_easy: noflip steps along grad L(theta, clip(v~))."""
+  rho = 4.0
+  setup, spec, state, data, x, y = initial('lsam_noflip', spec=make_spec(rho=rho,
+                                                                         method='lsam_noflip'))
+  new_state, stats = train_step(state, data, spec, setup)
+  params = state.params
+  g_v = toy_model.head_weights(grad_loss(params, x, y, setup))
+  v = toy_model.head_weights(params)
+  v_phantom = np.asarray(v + rho * g_v / jnp.linalg.norm(g_v))
+  assert (np.sign(v_phantom) != np.sign(v)).any(), 'the test needs a flip to clip'
+  clipped = np.where(np.sign(v_phantom) == np.sign(v), v_phantom, 0.0)
+  expected = descent(params, grad_loss(toy_model.with_head_weights(params, jnp.array(clipped)),
+                                       x, y, setup))
+  assert_trees_close(new_state.params, expected)
+  np.testing.assert_allclose([stats.phantom_easy, stats.phantom_hard], clipped, rtol=1e-5,
+                             atol=1e-7)
+  # LSAM at the same radius flips instead, and so moves differently
+  lsam_state, lsam_stats = train_step(state, data, make_spec(rho=rho, method='lsam'), setup)
+  assert float(lsam_stats.phantom_easy) * float(v[0]) < 0 or \
+      float(lsam_stats.phantom_hard) * float(v[1]) < 0
+  assert not np.allclose(lsam_state.params['phi_easy']['dense_2']['kernel'],
+                         new_state.params['phi_easy']['dense_2']['kernel'])
+
+
+def test_lsam_noflip_equals_lsam_without_a_flip():
+  setup, _, state, data, _, _ = initial('lsam')
+  small = dict(rho=0.05)
+  a, _ = train_step(state, data, make_spec(method='lsam', **small), setup)
+  b, _ = train_step(state, data, make_spec(method='lsam_noflip', **small), setup)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_head_init_scale_and_random():
+  """head_init scales v; head_random draws a positive v per seed; neither moves the MLPs."""
+  setup = make_setup('sgd')
+  base, _ = params_and_data(make_spec(seed=3), setup)
+  scaled, data = params_and_data(make_spec(seed=3, head_init=2.5), setup)
+  np.testing.assert_allclose(toy_model.head_weights(scaled), [2.5, 2.5])
+  np.testing.assert_allclose(data.initial_head, [2.5, 2.5])
+  heads = []
+  for seed in (3, 4):
+    random, data = params_and_data(make_spec(seed=seed, head_init=2.0, head_random=True), setup)
+    v = np.asarray(toy_model.head_weights(random))
+    np.testing.assert_allclose(v, data.initial_head)
+    assert (v > 0).all() and not np.allclose(v[0], v[1])
+    heads.append(v)
+  assert not np.allclose(heads[0], heads[1])
+  for tree in (scaled, random):
+    assert_trees_close({k: tree[k] for k in ('phi_easy', 'phi_hard')},
+                       {k: params_and_data(make_spec(seed=3 if tree is scaled else 4), setup)[0][k]
+                        for k in ('phi_easy', 'phi_hard')}, rtol=0, atol=0)
+  del base
 
 
 def test_sam_step_perturbs_every_parameter():
-  setup, spec, state, data, x, y = initial('sam', spec=make_spec(rho=0.2))
+  setup, spec, state, data, x, y = initial('sam', spec=make_spec(rho=0.2, method='sam'))
   new_state, _ = train_step(state, data, spec, setup)
   grads = grad_loss(state.params, x, y, setup)
   norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
@@ -134,17 +197,22 @@ def test_sam_step_perturbs_every_parameter():
   assert_trees_close(new_state.params, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_fixed_ratio_head_fixes_the_ratio_and_keeps_the_norm():
-  v = jnp.array([2.0, 0.5])
-  v_hat = toy_train.fixed_ratio_head(v, jnp.float32(4.0))
+def test_fixed_ratio_head_fixes_the_ratio_and_the_norm():
+  v_hat = toy_train.fixed_ratio_head(jnp.float32(3.0), jnp.float32(4.0))
   np.testing.assert_allclose(v_hat[1] / v_hat[0], 4.0, rtol=1e-6)
-  np.testing.assert_allclose(jnp.linalg.norm(v_hat), jnp.linalg.norm(v), rtol=1e-6)
+  np.testing.assert_allclose(jnp.linalg.norm(v_hat), 3.0, rtol=1e-6)
+
+
+def tracking_head(v, ratio):
+  """v^ of intervention_norm='tracking': ||v^|| = ||v||."""
+  return toy_train.fixed_ratio_head(jnp.linalg.norm(v), ratio)
 
 
 @functools.partial(jax.jit, static_argnums=3)
 def implemented_intervention_grads(params, x, y, setup, ratio):
-  """``{method: toy_train.intervention_grads}`` for the three interventions."""
-  return {m: toy_train.intervention_grads(params, x, y, ratio, fix_importance=flags[0],
+  """``{method: toy_train.intervention_grads}`` for the three interventions (tracking v^)."""
+  v_hat = tracking_head(toy_model.head_weights(params), ratio)
+  return {m: toy_train.intervention_grads(params, x, y, v_hat, fix_importance=flags[0],
                                           fix_feature_lr=flags[1], setup=setup)
           for m, flags in toy_train.INTERVENTIONS.items()}
 
@@ -196,12 +264,30 @@ def test_intervention_at_the_real_ratio_is_sgd():
     assert_trees_close(got[method], grad_loss(state.params, x, y, setup), rtol=1e-4, atol=1e-7)
 
 
-def test_intervention_step_uses_its_gradient():
-  setup, spec, state, data, x, y = initial('lr_only')
+@pytest.mark.parametrize('norm', toy_train.INTERVENTION_NORMS)
+def test_intervention_step_uses_its_gradient(norm):
+  setup, spec, state, data, x, y = initial('lr_only', intervention_norm=norm)
   new_state, stats = train_step(state, data, spec, setup)
-  grads = implemented_intervention_grads(state.params, x, y, setup, spec.fixed_ratio)['lr_only']
+  v = toy_model.head_weights(state.params)
+  # 'initial': Appendix C's fixed v^, at the length of the run's initial head (1, 1)
+  length = jnp.linalg.norm(v) if norm == 'tracking' else jnp.sqrt(2.0)
+  v_hat = toy_train.fixed_ratio_head(length, jnp.float32(RATIO))
+  grads = toy_train.intervention_grads(state.params, x, y, v_hat, fix_importance=False,
+                                       fix_feature_lr=True, setup=setup)
   assert_trees_close(new_state.params, descent(state.params, grads))
   np.testing.assert_allclose(stats.phantom_ratio, RATIO, rtol=1e-5)
+  np.testing.assert_allclose(np.hypot(stats.phantom_easy, stats.phantom_hard), length, rtol=1e-5)
+
+
+def test_fixed_intervention_head_stays_fixed_over_a_chunk():
+  setup, spec, state, data, _, _ = initial('iw_lr', spec=make_spec(method='iw_lr'))
+  chunk = jax.jit(toy_train.train_chunk, static_argnums=(3, 4))
+  state, result = chunk(state, data, spec, setup, 6)
+  stats = result.stats
+  assert np.ptp(np.asarray(stats.real_easy)) > 0  # v moves ...
+  expected = toy_train.fixed_ratio_head(jnp.linalg.norm(data.initial_head), jnp.float32(RATIO))
+  np.testing.assert_allclose(stats.phantom_easy, np.full(6, expected[0]), rtol=1e-6)  # ... v^ not
+  np.testing.assert_allclose(stats.phantom_hard, np.full(6, expected[1]), rtol=1e-6)
 
 
 def test_batches_cover_each_epoch_once():
@@ -226,17 +312,21 @@ def test_chunk_with_precomputed_epoch_orders_equals_single_steps():
 
 
 def test_vmapped_sweep_equals_runs_one_at_a_time():
+  """SGD, LSAM and LSAM-noflip, different radii, complexities, data constants, learning
+  rates and head inits, as one vmapped program."""
   setup = make_setup('lsam')
   specs = [make_spec(seed=0, rho=0.3, complexity=180.0),
-           make_spec(seed=1, rho=1.0, complexity=540.0),
-           make_spec(seed=2, rho=0.0, complexity=720.0)]
+           make_spec(seed=1, rho=3.0, complexity=540.0, method='lsam_noflip', head_init=0.7,
+                     data=toy_data.ToyDataConstants(easy_scale=2.0, hard_noise=0.1)),
+           make_spec(seed=2, rho=0.0, complexity=720.0, method='sgd', head_random=True),
+           make_spec(seed=2, rho=1.0, complexity=720.0, learning_rate=0.02)]
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *specs)
   num_steps = 4
   init, chunk = toy_train.compiled_sweep_fns(setup, num_steps)
   state, data = init(stacked)
   state, result = chunk(state, data, stacked)
   for i, spec in enumerate(specs):
-    take = lambda tree: jax.tree.map(lambda a: a[i], tree)
+    take = lambda tree, i=i: jax.tree.map(lambda a: a[i], tree)
     params, run_data = params_and_data(spec, make_setup('sgd'))
     assert_trees_close(run_data, take(data), rtol=1e-6, atol=1e-6)
     one = toy_train.init_state(params, spec, setup)

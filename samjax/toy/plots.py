@@ -41,9 +41,11 @@ def select(records: Sequence[dict], **criteria) -> list[dict]:
 
 
 def clean(records: Sequence[dict], batch_size: int) -> list[dict]:
-  """Runs on clean data at ``batch_size``."""
+  """Runs on clean data at ``batch_size``, at the config's own constants (the
+  sensitivity study's other variants are reported apart)."""
   return [r for r in records if r['batch_size'] == batch_size and not r['label_noise']
-          and not r['gaussian_noise'] and not r['dropout']]
+          and not r['gaussian_noise'] and not r['dropout']
+          and r.get('variant', 'default') == 'default']
 
 
 def mean_std(records: Sequence[dict], field: str) -> tuple[float, float]:
@@ -99,27 +101,86 @@ def best_setting(records: Sequence[dict], knob: str, field: str = 'hard_probe_er
   return best, [r for r in records if r[knob] == best]
 
 
+def fitting_values(records: Sequence[dict], knob: str,
+                   max_train_error: float = MAX_TRAIN_ERROR) -> list:
+  """The values of ``knob`` whose every run fits the training set."""
+  return sorted(v for v in {r[knob] for r in records}
+                if all(r['train_error'] is not None and r['train_error'] <= max_train_error
+                       for r in records if r[knob] == v))
+
+
+def unflipped_radii(records: Sequence[dict]) -> list:
+  """The radii at which no run's phantom ever flipped the sign of ``v~_easy``."""
+  return sorted(v for v in {r['rho'] for r in records}
+                if all(r['easy_flip_fraction'] == 0 for r in records if r['rho'] == v))
+
+
+def largest_gain(records: Sequence[dict], method: str = 'lsam'):
+  """``(complexity, rho)`` of ``method``'s largest mean gain in hard-probe error over
+  SGD among the radii that fit the training set; ``(None, None)`` if there is none."""
+  best = (None, None, -np.inf)
+  for c in sorted({r['complexity'] for r in select(records, method=method)}):
+    sgd = mean_std(select(records, method='sgd', complexity=c), 'hard_probe_error')[0]
+    rho, runs = best_setting(select(records, method=method, complexity=c), 'rho')
+    gain = sgd - mean_std(runs, 'hard_probe_error')[0]
+    if np.isfinite(gain) and gain > best[2]:
+      best = (c, rho, gain)
+  return best[:2]
+
+
+def _configured_complexity(config, runs: Sequence[dict]) -> float:
+  """``config.figure_complexity`` (nearest swept), or where LSAM gains most when None."""
+  complexities = [r['complexity'] for r in runs]
+  if config.figure_complexity is not None:
+    return nearest(complexities, float(config.figure_complexity))
+  clean_runs = [r for r in runs if not (r['label_noise'] or r['gaussian_noise'] or r['dropout'])]
+  complexity, _ = largest_gain(clean_runs)
+  return complexity if complexity is not None else min(complexities)
+
+
 def figure_runs(config, outputs, records):
-  """Indices of the SGD run and the best-rho LSAM run shown in Figs. 1, 3, 5."""
-  runs = clean(records, main_batch_size(config))
+  """Indices of the runs shown in Figs. 1, 3, 5: SGD, the LSAM run and its no-flip twin.
+
+  The complexity is ``config.figure_complexity`` (its best fitting radius), or, when
+  that is None, the complexity and fitting radius of LSAM's largest gain over SGD.
+  ``noflip`` is LSAM-noflip at the same radius when the study ran it, else the
+  LSAM run at the largest radius whose phantom never flipped ``v~_easy``; None if neither.
+  """
+  runs = [r for r in clean(records, main_batch_size(config)) if r.get('variant', 'default')
+          == 'default']
   lsam = select(runs, method='lsam')
   if not lsam or not select(runs, method='sgd'):
     return None
-  complexity = nearest([r['complexity'] for r in lsam], float(config.figure_complexity))
-  rho, _ = best_setting(select(runs, method='lsam', complexity=complexity), 'rho')
+  if config.figure_complexity is None:
+    complexity, rho = largest_gain(runs)
+  else:
+    complexity = nearest([r['complexity'] for r in lsam], float(config.figure_complexity))
+    rho, _ = best_setting(select(runs, method='lsam', complexity=complexity), 'rho')
   seed = min(r['seed'] for r in lsam)
   common = dict(complexity=complexity, seed=seed, batch_size=main_batch_size(config),
-                label_noise=0.0, gaussian_noise=0.0, dropout=0.0, noise_hard_only=False)
+                label_noise=0.0, gaussian_noise=0.0, dropout=0.0, noise_hard_only=False,
+                variant='default')
   sgd = outputs.select(method='sgd', **common)
   best = outputs.select(method='lsam', rho=rho, **common)
   if not sgd or not best:
     return None
-  return dict(sgd=sgd[0], lsam=best[0], complexity=complexity, rho=rho, seed=seed)
+  noflip = outputs.select(method='lsam_noflip', rho=rho, **common)
+  noflip_label = f'LSAM-noflip rho={rho:g}'
+  if not noflip:
+    unflipped = unflipped_radii(select(runs, method='lsam', complexity=complexity))
+    if unflipped:
+      noflip = outputs.select(method='lsam', rho=max(unflipped), **common)
+      noflip_label = f'LSAM rho={max(unflipped):g} (no flip)'
+  return dict(sgd=sgd[0], lsam=best[0], complexity=complexity, rho=rho, seed=seed,
+              noflip=noflip[0] if noflip else None, noflip_label=noflip_label,
+              automatic=config.figure_complexity is None)
 
 
 def _save(fig, workdir: str, name: str) -> str:
+  """Writes a figure laid out by ``tight_layout`` (not ``bbox_inches='tight'``, which
+  lays every figure out a second time: a third of the figures' cost)."""
   path = os.path.join(workdir, name)
-  atomic_save_figure(fig, path, dpi=110, bbox_inches='tight')
+  atomic_save_figure(fig, path, dpi=110)
   plt.close(fig)
   return path
 
@@ -133,16 +194,19 @@ def _complexity_colors(complexities):
 # ----------------------------------------------------------------------------- figures
 
 def fig1_contours(config, outputs, records, workdir) -> Optional[str]:
-  """Fig. 1: phi_easy on the easy plane and phi_hard on the hard plane, SGD vs LSAM."""
+  """Fig. 1: phi_easy on the easy plane and phi_hard on the hard plane: SGD, LSAM and
+  the no-flip regime (LSAM-noflip at the same radius), where LSAM gains most."""
   chosen = figure_runs(config, outputs, records)
   if chosen is None:
     return None
-  model = toy_model.DisentangledModel(hidden=int(config.hidden), head_init=float(config.head_init))
+  model = toy_model.DisentangledModel(hidden=int(config.hidden))
   extent = {0: 1.25 * float(config.data.easy_scale),
             1: 1.2 * float(config.data.hard_scale) + float(config.data.hard_noise)}
-  fig, axes = plt.subplots(2, 2, figsize=(9, 8.5))
-  for row, (label, index) in enumerate([('SGD', chosen['sgd']),
-                                        (f'LSAM rho={chosen["rho"]:g}', chosen['lsam'])]):
+  panels = [('SGD', chosen['sgd']), (f'LSAM rho={chosen["rho"]:g}', chosen['lsam'])]
+  if chosen['noflip'] is not None:
+    panels.append((chosen['noflip_label'], chosen['noflip']))
+  fig, axes = plt.subplots(len(panels), 2, figsize=(9, 4.25 * len(panels)), squeeze=False)
+  for row, (label, index) in enumerate(panels):
     evaluation = outputs.evaluations
     for k, name in enumerate(('easy', 'hard')):
       ax = axes[row, k]
@@ -165,15 +229,17 @@ def fig1_contours(config, outputs, records, workdir) -> Optional[str]:
       ax.set_aspect('equal')
       ax.set_xlabel(f'x[{2 * k}]')
       ax.set_ylabel(f'x[{2 * k + 1}]')
-  fig.suptitle(f'Fig. 1: learned features, complexity {chosen["complexity"]:g} deg, '
-               f'seed {chosen["seed"]} (black: phi = 0)')
+  where = ('where LSAM gains most over SGD' if chosen['automatic'] else 'as configured')
+  fig.suptitle(f'Fig. 1: learned features at complexity {chosen["complexity"]:g} deg and '
+               f'rho={chosen["rho"]:g} ({where}),\nseed {chosen["seed"]} (black: phi = 0)')
+  fig.tight_layout()
   return _save(fig, workdir, 'fig1_feature_contours.png')
 
 
 def fig2a_probe_vs_rho(config, outputs, records, workdir) -> Optional[str]:
   """Fig. 2A: hard-feature probe error against rho, one line per complexity (rho=0: SGD)."""
   runs = clean(records, main_batch_size(config))
-  methods = [m for m in ('lsam', 'sam') if select(runs, method=m)]
+  methods = [m for m in ('lsam', 'lsam_noflip', 'sam') if select(runs, method=m)]
   if not methods or not select(runs, method='sgd'):
     return None
   complexities = sorted({r['complexity'] for r in select(runs, method='sgd')})
@@ -200,30 +266,43 @@ def fig2a_probe_vs_rho(config, outputs, records, workdir) -> Optional[str]:
 
 
 def fig2b_ratio_vs_rho(config, outputs, records, workdir) -> Optional[str]:
-  """Fig. 2B: phantom ratio v~_hard/v~_easy vs rho (solid), real ratio v_hard/v_easy (dashed)."""
+  """Fig. 2B: phantom ratio v~_hard/v~_easy vs rho (solid), real ratio v_hard/v_easy
+  (dashed), over LSAM's radii; SGD's end point apart (stars at rho = 0). Filled
+  markers: every seed fits the training set; hollow: some seed does not; a cross
+  marks radii where some seed's v~_easy changed sign (flip) during training."""
   runs = clean(records, main_batch_size(config))
   if not select(runs, method='lsam') or not select(runs, method='sgd'):
     return None
   complexities = sorted({r['complexity'] for r in select(runs, method='lsam')})
   colors = _complexity_colors(complexities)
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
   for c in complexities:
-    for ax, suffix in zip(axes, ('_of_means', '')):
-      rhos, means, stds = rho_curve(runs, 'lsam', c, 'phantom_ratio' + suffix)
-      ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3, color=colors[c],
-                  label=f'phantom, {c:g} deg')
-      rhos, means, stds = rho_curve(runs, 'lsam', c, 'real_ratio' + suffix)
-      ax.errorbar(rhos, means, yerr=stds, marker='s', capsize=3, color=colors[c], ls='--',
-                  label=f'real, {c:g} deg')
+    lsam = select(runs, method='lsam', complexity=c)
+    fitting = set(fitting_values(lsam, 'rho'))
+    flipped = {r['rho'] for r in lsam if r['easy_flip_fraction'] > 0}
+    sgd = select(runs, method='sgd', complexity=c)
+    for ax, suffix in zip(axes, ('_of_means', '_median')):
+      for kind, style, marker in (('phantom', '-', 'o'), ('real', '--', 's')):
+        field = f'{kind}_ratio{suffix}'
+        rhos, means, stds = curve(lsam, 'rho', field)
+        ax.plot(rhos, means, style, color=colors[c],
+                label=f'{kind}, {c:g} deg')
+        ax.errorbar(rhos, means, yerr=stds, fmt='none', color=colors[c], capsize=3)
+        for rho, mean in zip(rhos, means):
+          ax.plot([rho], [mean], marker, color=colors[c],
+                  mfc=colors[c] if rho in fitting else 'white')
+          if kind == 'phantom' and rho in flipped:
+            ax.plot([rho], [mean], 'x', color='k', ms=9)
+      ax.plot([0.0], [mean_std(sgd, f'real_ratio{suffix}')[0]], '*', color=colors[c], ms=11)
   axes[0].set_title('ratio of the time-averaged heads')
-  axes[1].set_title('mean over training steps (paper\'s definition)')
-  axes[1].set_yscale('symlog', linthresh=1.0)
+  axes[1].set_title('median over training steps (defined when v~_easy crosses 0)')
   for ax in axes:
-    ax.set_xlabel('rho (0 = SGD)')
+    ax.set_xlabel('rho (star at 0: SGD end point, apart from the LSAM curve)')
     ax.set_ylabel('v_hard / v_easy')
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7, ncol=2)
-  fig.suptitle('Fig. 2B: LSAM phantom ratio v~_hard/v~_easy (solid) and real ratio (dashed)')
+  fig.suptitle('Fig. 2B: LSAM phantom ratio (solid) and real ratio (dashed); filled = all seeds '
+               f'fit (train error <= {MAX_TRAIN_ERROR:g}), hollow = some do not; x = v~_easy flips')
   fig.tight_layout()
   return _save(fig, workdir, 'fig2b_ratio_vs_rho.png')
 
@@ -263,27 +342,95 @@ def fig3_lorenz(config, outputs, records, workdir) -> Optional[str]:
 
 
 def fig4_lr_scale(config, outputs, records, workdir) -> Optional[str]:
-  """Fig. 4: learning-rate scales v~_easy/v_easy and v~_hard/v_hard vs rho."""
+  """Fig. 4: learning-rate scales vs rho, literal (v~_k/v_k, top) and scale-free
+  ((v~_k/||v~||)/(v_k/||v||), bottom)."""
   runs = clean(records, main_batch_size(config))
   if not select(runs, method='lsam') or not select(runs, method='sgd'):
     return None
   complexities = sorted({r['complexity'] for r in select(runs, method='lsam')})
   colors = _complexity_colors(complexities)
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, (field, name) in zip(axes, (('lr_scale_easy', 'easy'), ('lr_scale_hard', 'hard'))):
-    for c in complexities:
-      rhos, means, stds = rho_curve(runs, 'lsam', c, field)
-      ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3, color=colors[c],
-                  label=f'{c:g} deg')
-    ax.axhline(1.0, color='gray', lw=0.8)
-    ax.set_xlabel('rho (0 = SGD)')
-    ax.set_ylabel(f'v~_{name} / v_{name}')
-    ax.set_title(f'{name} feature')
-    ax.grid(alpha=0.3)
-  axes[0].legend(title='complexity', fontsize=8)
+  fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+  for row, (suffix, how) in enumerate((('', 'v~_{k} / v_{k}'),
+                                       ('_normalised', '(v~_{k}/||v~||) / (v_{k}/||v||)'))):
+    for col, name in enumerate(('easy', 'hard')):
+      ax = axes[row, col]
+      for c in complexities:
+        rhos, means, stds = rho_curve(runs, 'lsam', c, f'lr_scale_{name}{suffix}')
+        ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3, color=colors[c],
+                    label=f'{c:g} deg')
+      ax.axhline(1.0, color='gray', lw=0.8)
+      ax.set_xlabel('rho (0 = SGD)')
+      ax.set_ylabel(how.format(k=name))
+      ax.set_title(f'{name} feature, {"literal" if not suffix else "scale-free"}')
+      ax.grid(alpha=0.3)
+  axes[0, 0].legend(title='complexity', fontsize=8)
   fig.suptitle('Fig. 4: learning-rate scaling (mean over steps; mean +- std over seeds)')
   fig.tight_layout()
   return _save(fig, workdir, 'fig4_lr_scale.png')
+
+
+def _moving_average(values, width: int):
+  width = max(1, min(width, values.shape[-1]))
+  kernel = np.ones(width) / width
+  return np.apply_along_axis(lambda v: np.convolve(v, kernel, mode='valid'), -1, values)
+
+
+def fig_importance_spread(config, outputs, records, workdir) -> Optional[str]:
+  """The importance weights over training (explains Eq. 8's effect): the batch mean
+  of lambda = sigma(-y v.Phi) and of the intervened or phantom weight, and the share
+  of the batch's weight held by its heaviest point, for SGD, LSAM and iw_only."""
+  chosen = figure_runs(config, outputs, records)
+  if chosen is None:
+    return None
+  complexity = chosen['complexity']
+  runs = clean(records, main_batch_size(config))
+  curves = [('SGD, real', 'sgd', None, 'weight_real', 'k', '-'),
+            (f'LSAM rho={chosen["rho"]:g}, real', 'lsam', chosen['rho'], 'weight_real',
+             'tab:red', '-'),
+            (f'LSAM rho={chosen["rho"]:g}, phantom', 'lsam', chosen['rho'], 'weight_phantom',
+             'tab:red', '--')]
+  iw_complexities = {r['complexity'] for r in select(runs, method='iw_only')}
+  if iw_complexities:
+    iw_complexity = nearest(iw_complexities, complexity)
+    ratio, _ = best_setting(select(runs, method='iw_only', complexity=iw_complexity),
+                            'fixed_ratio')
+    curves.append((f'iw_only c={ratio:g} ({iw_complexity:g} deg), weight with v^', 'iw_only',
+                   ratio, 'weight_phantom', 'tab:blue', '--'))
+  else:
+    iw_complexity = ratio = None
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+  width = min(20, outputs.stats.weight_real.shape[1])
+  for label, method, knob, field, color, style in curves:
+    criteria = dict(method=method, complexity=iw_complexity if method == 'iw_only'
+                    else complexity, batch_size=main_batch_size(config), label_noise=0.0,
+                    gaussian_noise=0.0, dropout=0.0, variant='default')
+    if method == 'iw_only':
+      criteria['fixed_ratio'] = knob
+    elif method == 'lsam':
+      criteria['rho'] = knob
+    indices = outputs.select(**criteria)
+    if not indices:
+      continue
+    steps = np.arange(outputs.stats.weight_real.shape[1])[width - 1:] + 1
+    mean = _moving_average(getattr(outputs.stats, field)[indices].mean(0), width)
+    axes[0].plot(steps, mean, style, color=color, label=label)
+    if field == 'weight_real':
+      share = _moving_average(outputs.stats.weight_max_share[indices].mean(0), width)
+      axes[1].plot(steps, share, style, color=color, label=label)
+  axes[0].set_yscale('log')
+  axes[0].set_ylabel(f'batch mean importance weight ({width}-step average)')
+  axes[1].axhline(1.0 / main_batch_size(config), color='gray', lw=0.8,
+                  label='uniform (1 / batch size)')
+  axes[1].set_ylabel('share of the batch weight on its heaviest point')
+  for ax in axes:
+    ax.set_xscale('log')
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7)
+  fig.suptitle(f'Importance weights over training, complexity {complexity:g} deg, mean over '
+               'seeds: once the real weights have collapsed, Eq. 8 re-weights almost nothing')
+  fig.tight_layout()
+  return _save(fig, workdir, 'fig_importance_spread.png')
 
 
 def importance_by_contribution(outputs, indices: Sequence[int], num_bins: int = 10,
@@ -309,7 +456,8 @@ def seed_group(outputs, index: int) -> list[int]:
   """Indices of the clean runs that differ from run ``index`` only in the seed."""
   row = outputs.rows[index]
   return [i for i, r in enumerate(outputs.rows) if r.method == row.method and r.rho == row.rho
-          and r.complexity == row.complexity and r.batch_size == row.batch_size and not r.noisy]
+          and r.complexity == row.complexity and r.batch_size == row.batch_size and not r.noisy
+          and r.variant == row.variant]
 
 
 def checkpoints(outputs, count: int = 4) -> list[int]:
@@ -335,7 +483,9 @@ def fig5_importance_bins(config, outputs, records, workdir) -> Optional[str]:
     ax.grid(alpha=0.3, which='both')
   axes[0].legend(fontsize=8)
   fig.suptitle(f'Fig. 5: LSAM rho={chosen["rho"]:g}, complexity {chosen["complexity"]:g}, '
-               f'all seeds, snapshots of the second half of training')
+               f'all seeds, snapshots of the second half of training\n(the paper\'s 1-D '
+               'picture: each bin mixes the other feature\'s contribution; report.md\'s verdict '
+               'comes from a regression on both)')
   fig.tight_layout()
   return _save(fig, workdir, 'fig5_importance_by_contribution.png')
 
@@ -486,10 +636,10 @@ def fig6_interventions(config, outputs, records, workdir) -> Optional[str]:
         ax.axhspan(sgd_mean - sgd_std, sgd_mean + sgd_std, color='k', alpha=0.08)
       for rho in sorted({r['rho'] for r in lsam}):
         at_rho = [r for r in lsam if r['rho'] == rho]
-        x, _ = mean_std(at_rho, 'phantom_ratio_of_means')
+        x, _ = mean_std(at_rho, 'phantom_ratio_learning')
         y, _ = mean_std(at_rho, 'hard_probe_error')
-        ax.plot([x], [y], 'r*', ms=9, label='LSAM (phantom ratio of means)' if rho == min(
-            r['rho'] for r in lsam) else None)
+        ax.plot([x], [y], 'r*', ms=9, label='LSAM (phantom ratio, feature-learning phase)'
+                if rho == min(r['rho'] for r in lsam) else None)
         ax.annotate(f'{rho:g}', (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7,
                     color='r')
       # symlog: LSAM's phantom ratio can be <= 0 where v~_easy changes sign on average.
@@ -514,7 +664,7 @@ def figH_noise(config, outputs, records, workdir) -> Optional[str]:
   runs = [r for r in records if r['batch_size'] == batch_size and r['method'] in ('sgd', 'lsam')]
   if not any(r['label_noise'] or r['gaussian_noise'] or r['dropout'] for r in runs):
     return None
-  complexity = nearest([r['complexity'] for r in runs], float(config.figure_complexity))
+  complexity = _configured_complexity(config, runs)
   runs = [dict(r, rho=0.0) if r['method'] == 'sgd' else r
           for r in runs if r['complexity'] == complexity]
   rhos = sorted({r['rho'] for r in runs})
@@ -550,7 +700,7 @@ def figH_batch_size(config, outputs, records, workdir) -> Optional[str]:
   if len(sizes) < 2:
     return None
   runs = [r for r in records if not (r['label_noise'] or r['gaussian_noise'] or r['dropout'])]
-  complexity = nearest([r['complexity'] for r in runs], float(config.figure_complexity))
+  complexity = _configured_complexity(config, runs)
   cmap = plt.get_cmap('cividis')
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for i, b in enumerate(sizes):
@@ -563,6 +713,7 @@ def figH_batch_size(config, outputs, records, workdir) -> Optional[str]:
   ax.set_title(f'Appendix H.2: batch size, complexity {complexity:g} deg')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+  fig.tight_layout()
   return _save(fig, workdir, 'figH_batch_size.png')
 
 
@@ -594,7 +745,8 @@ def fig_learning_curves(config, outputs, records, workdir) -> Optional[str]:
 
 
 FIGURES: tuple[Callable, ...] = (fig1_contours, fig2a_probe_vs_rho, fig2b_ratio_vs_rho,
-                                 fig3_lorenz, fig4_lr_scale, fig5_importance_bins,
+                                 fig3_lorenz, fig4_lr_scale, fig_importance_spread,
+                                 fig5_importance_bins,
                                  fig5_importance_2d, figG_lorenz_over_time,
                                  figG_importance_over_time, fig6_interventions, figH_noise, figH_batch_size,
                                  fig_learning_curves)

@@ -22,6 +22,7 @@ Results are a pure function of the config: every random draw comes from
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from samjax import diagnostics
 from samjax.toy import data as toy_data
+from samjax.toy import metrics as toy_metrics
 from samjax.toy import train as toy_train
 
 METHODS = toy_train.METHODS
@@ -57,10 +59,20 @@ class RunRow:
   gaussian_noise: float = 0.0
   dropout: float = 0.0
   noise_hard_only: bool = False
+  # The sensitivity study's knobs (their config values in the main study).
+  variant: str = 'default'
+  learning_rate: float = 0.05
+  head_init: float = 1.0
+  head_random: bool = False
+  data: toy_data.ToyDataConstants = toy_data.ToyDataConstants()
 
   @property
   def noisy(self) -> bool:
     return bool(self.label_noise or self.gaussian_noise or self.dropout)
+
+  @property
+  def program(self) -> str:
+    return toy_train.PROGRAMS[self.method]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -106,6 +118,27 @@ def _numbers(config, name: str, *, minimum: Optional[float] = None, strict: bool
   return values
 
 
+# Range of each knob the sensitivity study (and the main config) can set.
+SENSITIVITY_RANGES = {
+    'easy_scale': dict(minimum=0, strict=True),
+    'hard_scale': dict(minimum=0, strict=True),
+    'easy_margin': dict(minimum=0, below=1),       # latents end at 1
+    'hard_min_radius': dict(minimum=0, below=1),
+    'hard_noise': dict(minimum=0),
+    'learning_rate': dict(minimum=0, strict=True),
+    # The ratio diagnostics and v^ assume a positive head.
+    'head_init': dict(minimum=0, strict=True),
+    'head_random': {},
+}
+
+
+def _bool(config, name: str) -> bool:
+  value = _field(config, name)
+  if not isinstance(value, (bool, np.bool_)):
+    _fail(name, f'expected True or False, got {value!r}')
+  return bool(value)
+
+
 def validate(config) -> None:
   """Raises ``ValueError('<field>: <why>')`` for the first bad field; compiles nothing."""
   methods = _tuple(_field(config, 'methods'))
@@ -137,15 +170,30 @@ def validate(config) -> None:
   if num_steps % eval_every:
     _fail('eval_every', f'{eval_every} does not divide num_steps={num_steps}')
   _numbers(config, 'hidden', integer=True, minimum=1)
-  # The ratio diagnostics and v^ = ||v|| (1, c) / sqrt(1 + c^2) assume a positive head.
-  _numbers(config, 'head_init', minimum=0, strict=True)
+  _numbers(config, 'head_init', **SENSITIVITY_RANGES['head_init'])
   _numbers(config, 'num_probe', integer=True, minimum=2)
-  _numbers(config, 'figure_complexity', minimum=0)
-  _numbers(config, 'data.easy_scale', minimum=0, strict=True)
-  _numbers(config, 'data.hard_scale', minimum=0, strict=True)
-  _numbers(config, 'data.easy_margin', minimum=0, below=1)  # latents end at 1
-  _numbers(config, 'data.hard_min_radius', minimum=0, below=1)
-  _numbers(config, 'data.hard_noise', minimum=0)
+  if _field(config, 'figure_complexity') is not None:  # None: where LSAM gains most
+    _numbers(config, 'figure_complexity', minimum=0)
+  _bool(config, 'head_random')
+  if _field(config, 'intervention_norm') not in toy_train.INTERVENTION_NORMS:
+    _fail('intervention_norm', f'expected one of {toy_train.INTERVENTION_NORMS}, got '
+          f'{config.intervention_norm!r}')
+  if not isinstance(_field(config, 'compilation_cache_dir'), str):
+    _fail('compilation_cache_dir', 'expected a directory path, or \'\' for no cache')
+  for name in ('easy_scale', 'hard_scale', 'easy_margin', 'hard_min_radius', 'hard_noise'):
+    _numbers(config, f'data.{name}', **SENSITIVITY_RANGES[name])
+  for name, values in _field(config, 'sensitivity').items():
+    if name not in SENSITIVITY_RANGES:
+      _fail('sensitivity', f'unknown knob {name!r}; choose from {", ".join(SENSITIVITY_RANGES)}')
+    if name == 'head_random':
+      if any(not isinstance(v, (bool, np.bool_)) for v in _tuple(values)):
+        _fail('sensitivity.head_random', f'expected bools, got {values!r}')
+      continue
+    _numbers(config, f'sensitivity.{name}', **SENSITIVITY_RANGES[name])
+  for n in _numbers(config, 'sensitivity_steps', integer=True, minimum=1):
+    if n > num_steps or n % eval_every:
+      _fail('sensitivity_steps', f'{n} is not a multiple of eval_every={eval_every} up to '
+            f'num_steps={num_steps}')
   _numbers(config, 'noise.label_noise', minimum=0, below=1 + 1e-12)
   _numbers(config, 'noise.gaussian_noise', minimum=0)
   _numbers(config, 'noise.dropout', minimum=0, below=1)  # 1 would drop every feature
@@ -170,52 +218,74 @@ def noise_settings(config) -> list[tuple[float, float, float, bool]]:
   return settings
 
 
+def data_constants(config, **overrides) -> toy_data.ToyDataConstants:
+  values = {k: float(config.data[k]) for k in toy_data.ToyDataConstants._fields}
+  values.update({k: float(v) for k, v in overrides.items()})
+  return toy_data.ToyDataConstants(**values)
+
+
+def variants(config) -> list[tuple[str, dict]]:
+  """``(name, knob values)`` of every setting of the sweep: the config's own
+  (``'default'``), then, for the sensitivity study, each value of each knob of
+  ``config.sensitivity`` with every other knob at its default (one factor at a time)."""
+  defaults = dict(learning_rate=float(config.learning_rate), head_init=float(config.head_init),
+                  head_random=bool(config.head_random), data=data_constants(config))
+  settings = [('default', defaults)]
+  for knob, values in config.sensitivity.items():
+    for value in _tuple(values):
+      if knob in toy_data.ToyDataConstants._fields:
+        changed = dict(defaults, data=data_constants(config, **{knob: value}))
+      else:
+        changed = dict(defaults, **{knob: type(defaults[knob])(value)})
+      if changed != defaults:
+        settings.append((f'{knob}={value:g}' if knob != 'head_random' else
+                         f'head_random={bool(value)}', changed))
+  return settings
+
+
 def build_rows(config) -> list[RunRow]:
   """The flat list of runs, in a fixed order (a pure function of the config).
 
   Every method runs at the first batch size; further batch sizes (Appendix
   H.2 compares SGD and LSAM only) run SGD and LSAM alone, as the other methods'
-  figures use the first batch size.
+  figures use the first batch size. Every method runs in every variant
+  (:func:`variants`).
   """
   methods = _tuple(config.methods)
   batch_sizes = _tuple(config.batch_sizes) or (config.batch_size,)
   intervention_complexities = (_tuple(config.intervention_complexities)
                                or _tuple(config.complexities))
   rows = []
-  for position, batch_size in enumerate(batch_sizes):
-    for method in methods:
-      if position > 0 and method not in ('sgd', 'lsam'):
-        continue
-      if method == 'sgd':
-        knobs = [(0.0, None)]
-      elif method == 'lsam':
-        knobs = [(float(r), None) for r in _tuple(config.rhos)]
-      elif method == 'sam':
-        knobs = [(float(r), None) for r in _tuple(config.sam_rhos)]
-      else:
-        knobs = [(None, float(c)) for c in _tuple(config.fixed_ratios)]
-      complexities = (intervention_complexities if method in INTERVENTIONS
-                      else _tuple(config.complexities))
-      for label, gauss, drop, hard_only in noise_settings(config):
-        for rho, ratio in knobs:
-          for complexity in complexities:
-            for seed in _tuple(config.seeds):
-              rows.append(RunRow(method, rho, ratio, float(complexity), int(seed),
-                                 int(batch_size), label, gauss, drop, hard_only))
+  for variant, knobs_of_variant in variants(config):
+    for position, batch_size in enumerate(batch_sizes):
+      for method in methods:
+        if position > 0 and method not in ('sgd', 'lsam'):
+          continue
+        if method == 'sgd':
+          knobs = [(0.0, None)]
+        elif method in ('lsam', 'lsam_noflip'):
+          knobs = [(float(r), None) for r in _tuple(config.rhos)]
+        elif method == 'sam':
+          knobs = [(float(r), None) for r in _tuple(config.sam_rhos)]
+        else:
+          knobs = [(None, float(c)) for c in _tuple(config.fixed_ratios)]
+        complexities = (intervention_complexities if method in INTERVENTIONS
+                        else _tuple(config.complexities))
+        for label, gauss, drop, hard_only in noise_settings(config):
+          for rho, ratio in knobs:
+            for complexity in complexities:
+              for seed in _tuple(config.seeds):
+                rows.append(RunRow(method, rho, ratio, float(complexity), int(seed),
+                                   int(batch_size), label, gauss, drop, hard_only,
+                                   variant=variant, **knobs_of_variant))
   return rows
 
 
-def data_constants(config) -> toy_data.ToyDataConstants:
-  return toy_data.ToyDataConstants(**{k: float(config.data[k])
-                                      for k in toy_data.ToyDataConstants._fields})
-
-
-def train_setup(config, method: str, batch_size: int) -> toy_train.TrainSetup:
+def train_setup(config, program: str, batch_size: int) -> toy_train.TrainSetup:
   return toy_train.TrainSetup(
-      method=method, hidden=int(config.hidden), head_init=float(config.head_init),
-      learning_rate=float(config.learning_rate), batch_size=int(batch_size),
+      program=program, hidden=int(config.hidden), batch_size=int(batch_size),
       num_train=int(config.num_train), num_probe=int(config.num_probe),
-      data=data_constants(config), base_seed=int(config.seed))
+      intervention_norm=str(config.intervention_norm), base_seed=int(config.seed))
 
 
 def run_specs(rows: Sequence[RunRow]) -> toy_train.RunSpec:
@@ -233,7 +303,15 @@ def run_specs(rows: Sequence[RunRow]) -> toy_train.RunSpec:
           label_noise=column(lambda r: r.label_noise),
           gaussian_noise=column(lambda r: r.gaussian_noise),
           dropout=column(lambda r: r.dropout),
-          hard_only=column(lambda r: float(r.noise_hard_only))))
+          hard_only=column(lambda r: float(r.noise_hard_only))),
+      data=toy_data.ToyDataConstants(*[column(lambda r, k=k: getattr(r.data, k))
+                                       for k in toy_data.ToyDataConstants._fields]),
+      learning_rate=column(lambda r: r.learning_rate),
+      head_init=column(lambda r: r.head_init),
+      head_random=column(lambda r: float(r.head_random)),
+      clip_phantom=column(lambda r: float(r.method == 'lsam_noflip')),
+      fix_importance=column(lambda r: float(toy_train.INTERVENTIONS.get(r.method, (0, 0))[0])),
+      fix_feature_lr=column(lambda r: float(toy_train.INTERVENTIONS.get(r.method, (0, 0))[1])))
 
 
 @dataclasses.dataclass
@@ -266,10 +344,10 @@ class StudyOutputs:
 
 
 def _group_rows(rows: Sequence[RunRow]) -> dict[tuple[str, int], list[int]]:
-  """Run indices per compiled program: ``(method, batch_size)``."""
+  """Run indices per compiled program: ``(program, batch_size)``."""
   groups: dict[tuple[str, int], list[int]] = {}
   for i, r in enumerate(rows):
-    groups.setdefault((r.method, r.batch_size), []).append(i)
+    groups.setdefault((r.program, r.batch_size), []).append(i)
   return groups
 
 
@@ -277,9 +355,33 @@ def _stack(trees: Sequence[Any], axis: int):
   return jax.tree.map(lambda *a: np.concatenate(a, axis=axis), *trees)
 
 
+def enable_compilation_cache(directory: str) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in ``directory`` (``''``: leave it off).
+
+  Every compiled program is written, however small or quick to compile (JAX's
+  defaults skip programs compiled in under a second), so a second run of the
+  same study loads all of them. A cache directory already configured (e.g. by
+  ``JAX_COMPILATION_CACHE_DIR``) wins. Returns the directory in use, or None.
+  """
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  if not directory:
+    return None
+  directory = os.path.abspath(os.path.expanduser(directory))
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return directory
+
+
 def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
               progress: bool = True) -> StudyOutputs:
-  """Trains every run; one compiled (init, chunk) pair per (method, batch size).
+  """Trains every run; one compiled (init, chunk) pair per (program, batch size).
+
+  The groups' initial states are made first; their chunk programs are then
+  compiled concurrently in threads (XLA compiles without holding the GIL, and
+  the programs are independent), and run one group after the other.
 
   Args:
     config: a validated config.
@@ -289,17 +391,26 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
   rows = list(build_rows(config) if rows is None else rows)
   num_steps, eval_every = int(config.num_steps), int(config.eval_every)
   num_chunks = num_steps // eval_every
-  groups = _group_rows(rows)
+  # Data and initial parameters do not depend on the program or the batch size:
+  # one call (one compilation) for every run.
+  all_params, all_data = toy_train.compiled_params_and_data(
+      train_setup(config, 'lsam', int(config.batch_size)))(run_specs(rows))
+  groups = []
+  for (program, batch_size), indices in _group_rows(rows).items():
+    setup = train_setup(config, program, batch_size)
+    take = lambda tree, where=np.asarray(indices): jax.tree.map(lambda a: a[where], tree)
+    specs = run_specs([rows[i] for i in indices])
+    state, run_data = toy_train.init_state_batch(take(all_params), specs, setup), take(all_data)
+    chunk = toy_train.compiled_chunk(setup, eval_every)
+    groups.append((program, batch_size, indices, specs, state, run_data, chunk))
+  with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+    compiled = list(pool.map(lambda g: g[-1].lower(g[4], g[5], g[3]).compile(), groups))
   per_run: list[Any] = [None] * len(rows)
   bar = tqdm(total=len(rows) * num_steps, unit='step', unit_scale=True, disable=not progress,
              desc='toy study', dynamic_ncols=True)
   with bar:
-    for (method, batch_size), indices in groups.items():
-      bar.set_postfix_str(f'{method} batch {batch_size}: {len(indices)} runs')
-      setup = train_setup(config, method, batch_size)
-      init, chunk = toy_train.compiled_sweep_fns(setup, eval_every)
-      specs = run_specs([rows[i] for i in indices])
-      state, run_data = init(specs)
+    for (program, batch_size, indices, specs, state, run_data, _), chunk in zip(groups, compiled):
+      bar.set_postfix_str(f'{program} batch {batch_size}: {len(indices)} runs')
       results = []
       for _ in range(num_chunks):
         state, result = chunk(state, run_data, specs)
@@ -334,7 +445,8 @@ def _finite(x) -> Optional[float]:
 def summarize(config, outputs: StudyOutputs) -> list[dict]:
   """One ``results.json`` record per run.
 
-  Step statistics are averaged over all training steps. ``phantom_ratio`` is
+  Step statistics are averaged over all training steps (docs/toy.md defines
+  every key). ``phantom_ratio`` is
   the mean of ``v~_hard / v~_easy`` over steps (the paper's Fig. 2B / Fig. 6
   quantity); ``phantom_ratio_of_means`` is ``mean(v~_hard) / mean(v~_easy)``,
   the ratio of the time-averaged phantom head, which stays meaningful when
@@ -348,37 +460,61 @@ def summarize(config, outputs: StudyOutputs) -> list[dict]:
   gini_real, gini_phantom = (np.asarray(_batched_gini(getattr(outputs.snapshots, field)))
                              for field in ('weight_real', 'weight_phantom'))
   for i, row in enumerate(outputs.rows):
-    stats = jax.tree.map(lambda a: a[i], outputs.stats)
-    final = jax.tree.map(lambda a: a[i, -1], outputs.evaluations)
-    records.append({
-        'method': row.method,
-        'rho': row.rho,
-        'fixed_ratio': row.fixed_ratio,
-        'complexity': row.complexity,
-        'seed': row.seed,
-        'steps': int(config.num_steps),
-        'batch_size': row.batch_size,
-        'label_noise': row.label_noise,
-        'gaussian_noise': row.gaussian_noise,
-        'dropout': row.dropout,
-        'noise_hard_only': row.noise_hard_only,
-        'hard_probe_error': _finite(final.hard_probe_error),
-        'easy_probe_error': _finite(final.easy_probe_error),
-        'train_error': _finite(final.train_error),
-        'test_error': _finite(final.test_error),
-        'phantom_ratio': _finite(np.mean(stats.phantom_ratio)),
-        'phantom_ratio_of_means': _finite(np.mean(stats.phantom_hard)
-                                          / np.mean(stats.phantom_easy)),
-        'real_ratio': _finite(np.mean(stats.real_ratio)),
-        'real_ratio_of_means': _finite(np.mean(stats.real_hard) / np.mean(stats.real_easy)),
-        'lr_scale_easy': _finite(np.mean(stats.lr_scale_easy)),
-        'lr_scale_hard': _finite(np.mean(stats.lr_scale_hard)),
-        'gini_real': _finite(np.mean(gini_real[i])),
-        'gini_phantom': _finite(np.mean(gini_phantom[i])),
-        'hard_probe_error_curve': [_finite(e) for e in outputs.evaluations.hard_probe_error[i]],
-        'easy_fit_step': easy_fit_step(outputs, i),
-    })
+    with np.errstate(divide='ignore', invalid='ignore'):  # a clipped phantom can be 0
+      records.append(_record(config, outputs, i, row, gini_real[i], gini_phantom[i]))
   return records
+
+
+def _record(config, outputs: StudyOutputs, i: int, row: RunRow, gini_real, gini_phantom) -> dict:
+  stats = jax.tree.map(lambda a: a[i], outputs.stats)
+  final = jax.tree.map(lambda a: a[i, -1], outputs.evaluations)
+  normalised = toy_metrics.normalised_lr_scales(stats.real_easy, stats.real_hard,
+                                                stats.phantom_easy, stats.phantom_hard)
+  window_end = toy_metrics.learning_window_end(outputs.evaluations.hard_probe_error[i],
+                                               outputs.eval_steps)
+  return {
+      'method': row.method,
+      'variant': row.variant,
+      'learning_rate': row.learning_rate,
+      'head_init': row.head_init,
+      'head_random': row.head_random,
+      **{f'data_{k}': v for k, v in row.data._asdict().items()},
+      'rho': row.rho,
+      'fixed_ratio': row.fixed_ratio,
+      'complexity': row.complexity,
+      'seed': row.seed,
+      'steps': int(config.num_steps),
+      'batch_size': row.batch_size,
+      'label_noise': row.label_noise,
+      'gaussian_noise': row.gaussian_noise,
+      'dropout': row.dropout,
+      'noise_hard_only': row.noise_hard_only,
+      'hard_probe_error': _finite(final.hard_probe_error),
+      'easy_probe_error': _finite(final.easy_probe_error),
+      'train_error': _finite(final.train_error),
+      'test_error': _finite(final.test_error),
+      'phantom_ratio': _finite(np.mean(stats.phantom_ratio)),
+      'phantom_ratio_of_means': _finite(np.mean(stats.phantom_hard)
+                                        / np.mean(stats.phantom_easy)),
+      'real_ratio': _finite(np.mean(stats.real_ratio)),
+      'real_ratio_of_means': _finite(np.mean(stats.real_hard) / np.mean(stats.real_easy)),
+      'phantom_ratio_median': _finite(np.median(stats.phantom_ratio)),
+      'real_ratio_median': _finite(np.median(stats.real_ratio)),
+      'lr_scale_easy': _finite(np.mean(stats.lr_scale_easy)),
+      'lr_scale_hard': _finite(np.mean(stats.lr_scale_hard)),
+      'lr_scale_easy_normalised': _finite(np.mean(normalised[0])),
+      'lr_scale_hard_normalised': _finite(np.mean(normalised[1])),
+      'easy_flip_fraction': toy_metrics.flip_fraction(stats.real_easy, stats.phantom_easy),
+      'hard_flip_fraction': toy_metrics.flip_fraction(stats.real_hard, stats.phantom_hard),
+      'learning_window_end': window_end,
+      'phantom_ratio_learning': _finite(np.mean(stats.phantom_hard[:window_end])
+                                        / np.mean(stats.phantom_easy[:window_end])),
+      'gini_real': _finite(np.mean(gini_real)),
+      'gini_phantom': _finite(np.mean(gini_phantom)),
+      'hard_probe_error_curve': [_finite(e) for e in outputs.evaluations.hard_probe_error[i]],
+      'train_error_curve': [_finite(e) for e in outputs.evaluations.train_error[i]],
+      'easy_fit_step': easy_fit_step(outputs, i),
+  }
 
 
 def easy_fit_step(outputs: StudyOutputs, index: int, margin: float = 1.0) -> Optional[int]:
@@ -420,6 +556,7 @@ def run(config, workdir: str) -> dict:
 
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
+  enable_compilation_cache(str(config.compilation_cache_dir))
   outputs = run_sweep(config)
   train_time = time.perf_counter() - start
   records = summarize(config, outputs)

@@ -1,8 +1,10 @@
 """Training one toy run with SGD, LSAM, SAM or a ratio intervention, written to be vmapped.
 
 Every run of a sweep is described by a :class:`RunSpec` of *arrays* (seed,
-radius, fixed ratio, complexity, corruption), so a sweep is one ``vmap`` over a
-flat batch of specs and one compilation per method and shape. Steps run inside
+radius, fixed ratio, complexity, corruption, data constants, learning rate,
+head init, method flags), so a sweep is one ``vmap`` over a flat batch of specs
+and one compilation per program (:data:`PROGRAMS`: SGD, LSAM and LSAM-noflip
+share one, the three interventions another, SAM the third) and shape. Steps run inside
 ``lax.scan`` in chunks (:func:`train_chunk`); after each chunk the run is
 evaluated and its importance weights are snapshotted on the training set.
 
@@ -10,8 +12,12 @@ The update rules (batch ``B``, learning rate ``eta``, ``l = log(1 + e^{-y f})``)
 
 * ``sgd``:  ``w <- w - eta grad L_B(w)``, ``w = (theta, v)``.
 * ``lsam``: ``v~ = v + rho g_v / ||g_v||``, ``g_v = grad_v L_B(theta, v)``;
-  ``w <- w - eta grad L_B(theta, v~)`` (Eq. 5), through
-  ``optax.chain(samjax.lsam(rho), optax.sgd(eta))``.
+  ``w <- w - eta grad L_B(theta, v~)`` (Eq. 5); the same step as
+  ``optax.chain(samjax.lsam(rho), optax.sgd(eta))`` (tested), written out so that
+  SGD (``rho = 0``) and LSAM-noflip share its compiled program.
+* ``lsam_noflip`` (an ablation, not in the paper): LSAM with each coordinate of
+  ``v~`` that would cross zero (sign opposite to ``v``'s) clipped to 0, so the
+  phantom head never flips the sign of a feature's gradient.
 * ``sam``:  ``w~ = w + rho g / ||g||``; ``w <- w - eta grad L_B(w~)`` (Eq. 3),
   through ``optax.chain(samjax.sam(rho), optax.sgd(eta))``.
 * interventions (Appendix C, Eqs. 8-10). Eq. 6 splits the representation
@@ -21,23 +27,22 @@ The update rules (batch ``B``, learning rate ``eta``, ``l = log(1 + e^{-y f})``)
 
   and each intervention replaces ``v`` by ``v^`` in one or both places:
   ``iw_only`` in ``sigma(.)`` (Eq. 8), ``lr_only`` in ``[.]`` (Eq. 9), ``iw_lr``
-  in both (Eq. 10). ``v^`` fixes the *direction* of the head,
-  ``v^_hard / v^_easy = c``, and keeps its length, ``||v^|| = ||v||``
-  (:func:`fixed_ratio_head`): only the balance is fixed, not the overall scale
-  (which grows during training and sets how fast the loss saturates), and an
-  intervention with ``c = v_hard / v_easy`` is exactly SGD. Eqs. 8-10 are the
-  gradient of the representation ``theta``; the head ``v`` keeps its ordinary
-  SGD gradient ``-y sigma(-y v.Phi) Phi``, so an intervention changes how the
-  features are learned and nothing else. (Feeding the head the intervened
-  weight instead makes ``iw_only`` shrink ``v_hard``, since it up-weights the
-  points the hard feature gets wrong; we measured no benefit from it either.)
-  All parameters then take a plain SGD step.
+  in both (Eq. 10). ``v^`` has the direction ``v^_hard / v^_easy = c`` and, by
+  default, the length of the initial head ``||v_0||`` for the whole run:
+  Appendix C fixes ``v^_easy`` and ``v^_hard`` ("fixed and do not change during
+  training"). ``intervention_norm='tracking'`` instead keeps ``||v^|| = ||v||``
+  at every step (an intervention at ``c = v_hard / v_easy`` is then SGD). Eqs.
+  8-10 are the gradient of the representation ``theta``; the head ``v`` keeps
+  its ordinary SGD gradient ``-y sigma(-y v.Phi) Phi``, so an intervention
+  changes how the features are learned and nothing else. All parameters then
+  take a plain SGD step.
 
 Per step we record the real ratio ``v_hard / v_easy``, the phantom ratio
 ``v~_hard / v~_easy`` and the learning-rate scales ``v~_k / v_k`` (Figs. 2B, 4),
 where the "phantom" head is the one the update used in place of ``v``: ``v~``
 for LSAM and SAM (the head block of SAM's perturbation), ``v^`` for the
-interventions, and ``v`` itself for SGD (the phantom at ``rho = 0``).
+interventions, and ``v`` itself for SGD (the phantom at ``rho = 0``), and the
+batch's mean real and phantom importance weights.
 """
 
 from __future__ import annotations
@@ -57,40 +62,46 @@ from samjax.toy import probe as toy_probe
 
 PyTree = Any
 
-METHODS = ('sgd', 'lsam', 'sam', 'iw_only', 'lr_only', 'iw_lr')
+METHODS = ('sgd', 'lsam', 'lsam_noflip', 'sam', 'iw_only', 'lr_only', 'iw_lr')
 # intervention -> (fix the ratio in the importance weight, fix it in the feature-gradient weights)
 INTERVENTIONS = {'iw_only': (True, False), 'lr_only': (False, True), 'iw_lr': (True, True)}
+# Methods that share one compiled program: what tells them apart is a traced
+# input of the run (rho = 0 makes LSAM's step SGD's exactly, since the phantom is
+# v + 0 g / (||g|| + eps); ``clip_phantom`` makes it LSAM-noflip; two flags
+# select the intervention), so a sweep compiles three training programs.
+PROGRAMS = {'sgd': 'lsam', 'lsam': 'lsam', 'lsam_noflip': 'lsam', 'sam': 'sam',
+            'iw_only': 'intervention', 'lr_only': 'intervention', 'iw_lr': 'intervention'}
+# How the interventions' v^ gets its length (see fixed_ratio_head).
+INTERVENTION_NORMS = ('initial', 'tracking')
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-  """What every run of one compiled sweep shares (static, hashable).
+  """What every run of one compiled program shares (static, hashable).
 
   Attributes:
-    method: one of :data:`METHODS`.
+    program: one of the values of :data:`PROGRAMS`.
     hidden: width of each feature MLP.
-    head_init: initial ``v_easy = v_hard``.
-    learning_rate: constant step size ``eta``.
     batch_size: examples per step.
     num_train: training-set size.
     num_probe: size of each fresh probe sample (probe-train and probe-test).
-    data: the distribution's constants.
+    intervention_norm: ``'initial'`` (Appendix C: ``v^`` is fixed for the whole
+      run, its length that of the initial head) or ``'tracking'`` (``||v^|| =
+      ||v||`` at every step).
     base_seed: ``config.seed``; a run's randomness is ``fold_in(key(base_seed), seed)``.
   """
 
-  method: str
+  program: str
   hidden: int = 32
-  head_init: float = 1.0
-  learning_rate: float = 0.05
   batch_size: int = 5
   num_train: int = 300
   num_probe: int = 2000
-  data: toy_data.ToyDataConstants = toy_data.ToyDataConstants()
+  intervention_norm: str = 'initial'
   base_seed: int = 0
 
   @property
   def model(self) -> toy_model.DisentangledModel:
-    return toy_model.DisentangledModel(hidden=self.hidden, head_init=self.head_init)
+    return toy_model.DisentangledModel(hidden=self.hidden)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -100,12 +111,26 @@ class TrainSetup:
 class RunSpec(NamedTuple):
   """One run's traced inputs; a sweep stacks them along a leading axis.
 
+  Everything that is a number (not a shape) is traced, so one compiled program
+  serves every radius, ratio, complexity, data constant, head init and
+  learning rate of a sweep (the sensitivity study varies them all at once).
+
   Attributes:
     seed: int32; selects the training set, the init and the batch order.
-    rho: perturbation radius (LSAM, SAM; ignored otherwise).
+    rho: perturbation radius (LSAM, SAM; 0 for SGD; ignored by interventions).
     fixed_ratio: ``c = v^_hard / v^_easy`` (interventions; ignored otherwise).
     complexity: spiral rotation in degrees.
     corruption: Appendix H training-feature corruptions.
+    data: the distribution's constants, each a scalar array.
+    learning_rate: constant step size ``eta``.
+    head_init: scale of the initial head ``v``.
+    head_random: 1.0 draws ``v = head_init |z|``, ``z ~ N(0, I_2)`` per run
+      (positive, so a feature's sign is its contribution's); 0.0 sets ``v =
+      head_init (1, 1)``.
+    clip_phantom: 1.0 for LSAM-noflip: each coordinate of ``v~`` that would
+      take the sign opposite to ``v``'s is set to 0.
+    fix_importance, fix_feature_lr: 1.0 to use ``v^`` in the importance weight
+      (Eq. 8), in the feature-gradient weights (Eq. 9); both for Eq. 10.
   """
 
   seed: jax.Array
@@ -113,10 +138,33 @@ class RunSpec(NamedTuple):
   fixed_ratio: jax.Array
   complexity: jax.Array
   corruption: toy_data.Corruption
+  data: toy_data.ToyDataConstants
+  learning_rate: jax.Array
+  head_init: jax.Array
+  head_random: jax.Array
+  clip_phantom: jax.Array
+  fix_importance: jax.Array
+  fix_feature_lr: jax.Array
+
+
+def make_spec(*, seed=0, rho=0.0, fixed_ratio=1.0, complexity=360.0, corruption=None,
+              data: toy_data.ToyDataConstants = toy_data.ToyDataConstants(),
+              learning_rate=0.05, head_init=1.0, head_random=False, method='lsam') -> RunSpec:
+  """The spec of one run of ``method`` (its flags set from the method's name)."""
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  fix_importance, fix_feature_lr = INTERVENTIONS.get(method, (False, False))
+  return RunSpec(seed=jnp.asarray(seed, jnp.int32), rho=f(rho), fixed_ratio=f(fixed_ratio),
+                 complexity=f(complexity),
+                 corruption=toy_data.Corruption.clean() if corruption is None else corruption,
+                 data=toy_data.ToyDataConstants(*[f(x) for x in data]),
+                 learning_rate=f(learning_rate), head_init=f(head_init),
+                 head_random=f(head_random), clip_phantom=f(method == 'lsam_noflip'),
+                 fix_importance=f(fix_importance), fix_feature_lr=f(fix_feature_lr))
 
 
 class RunData(NamedTuple):
-  """A run's data: the training set, two fresh clean probe samples and the batch-order key."""
+  """A run's data: the training set, two fresh clean probe samples, the batch-order
+  key and the initial head (the interventions' ``v^`` takes its length)."""
 
   train_x: jax.Array
   train_y: jax.Array
@@ -125,6 +173,7 @@ class RunData(NamedTuple):
   probe_test_x: jax.Array
   probe_test_y: jax.Array
   order_key: jax.Array
+  initial_head: jax.Array
 
 
 class StepStats(NamedTuple):
@@ -138,6 +187,9 @@ class StepStats(NamedTuple):
   phantom_ratio: jax.Array   # v~_hard / v~_easy
   lr_scale_easy: jax.Array   # v~_easy / v_easy
   lr_scale_hard: jax.Array   # v~_hard / v_hard
+  weight_real: jax.Array     # mean over the batch of sigma(-y v.Phi)
+  weight_phantom: jax.Array  # ... of sigma(-y v~.Phi) (Phi at the current theta)
+  weight_max_share: jax.Array  # largest real weight of the batch / their sum
 
 
 class RunState(NamedTuple):
@@ -150,11 +202,15 @@ class Snapshot(NamedTuple):
   """Real and phantom importance weights on the whole training set (Figs. 3, 5).
 
   The phantom is formed with the full-batch gradient, so a snapshot shows what
-  one LSAM (SAM, intervention) step would do to every training point.
+  one LSAM (SAM, intervention) step would do to every training point. The
+  margins ``y f`` give the weights' logarithms without underflow
+  (``log sigma(-m) = -softplus(m)``).
   """
 
   weight_real: jax.Array
   weight_phantom: jax.Array
+  margin_real: jax.Array        # y v.Phi
+  margin_phantom: jax.Array     # y v~.Phi (SAM: y f at its phantom parameters)
   contribution_easy: jax.Array  # y v_easy phi_easy
   contribution_hard: jax.Array  # y v_hard phi_hard
 
@@ -175,60 +231,81 @@ def run_keys(spec: RunSpec, setup: TrainSetup) -> dict[str, jax.Array]:
 
 
 def make_run_data(spec: RunSpec, setup: TrainSetup) -> RunData:
-  """Training set (corrupted as the spec says) and clean probe samples for one run."""
+  """Training set (corrupted as the spec says) and clean probe samples for one run;
+  ``initial_head`` is filled in by :func:`init_params_and_data`."""
   keys = run_keys(spec, setup)
   train_x, train_y = toy_data.sample_toy(keys['data'], setup.num_train, spec.complexity,
-                                         setup.data, spec.corruption)
+                                         spec.data, spec.corruption)
   # One draw split in two: probe-train and probe-test are independent fresh samples.
   probe_x, probe_y = toy_data.sample_toy(keys['probe'], 2 * setup.num_probe, spec.complexity,
-                                         setup.data)
+                                         spec.data)
   n = setup.num_probe
   return RunData(train_x, train_y, probe_x[:n], probe_y[:n], probe_x[n:], probe_y[n:],
-                 keys['order'])
+                 keys['order'], jnp.zeros(2))
 
 
-def make_optimizer(setup: TrainSetup, rho: jax.Array) -> optax.GradientTransformationExtraArgs:
-  """The optax chain of a method; ``rho`` may be traced. Interventions use plain SGD
-  on their modified gradient (see :func:`intervention_grads`)."""
-  descent = optax.sgd(setup.learning_rate)
-  if setup.method == 'lsam':
-    return optax.chain(samjax.lsam(rho), descent)
-  if setup.method == 'sam':
-    return optax.chain(samjax.sam(rho), descent)
+def initial_head(spec: RunSpec, key: jax.Array) -> jax.Array:
+  """``head_init (1, 1)``, or ``head_init |z|`` with ``z ~ N(0, I_2)`` when ``head_random``."""
+  magnitude = jnp.where(spec.head_random > 0, jnp.abs(jax.random.normal(key, (2,))), 1.0)
+  return spec.head_init * magnitude
+
+
+def make_optimizer(setup: TrainSetup, spec: RunSpec) -> optax.GradientTransformationExtraArgs:
+  """The optax chain of a program. LSAM, LSAM-noflip, SGD and the interventions
+  descend along a gradient formed by :func:`train_step`; SAM is ``samjax.sam``."""
+  descent = optax.sgd(spec.learning_rate)
+  if setup.program == 'sam':
+    return optax.chain(samjax.sam(spec.rho), descent)
   return optax.chain(descent)  # a chain, so update() accepts (and ignores) grad_fn
 
 
 def batch_loss(params: PyTree, x: jax.Array, y: jax.Array, setup: TrainSetup) -> jax.Array:
   """``L_B = mean_i log(1 + exp(-y_i f(x_i)))``."""
-  return jnp.mean(toy_model.logistic_loss(setup.model.apply({'params': params}, x), y))
+  return batch_loss_and_features(params, x, y, setup)[0]
 
 
-def fixed_ratio_head(v: jax.Array, ratio: jax.Array) -> jax.Array:
-  """``v^ = ||v|| (1, c) / sqrt(1 + c^2)``: ``v^_hard / v^_easy = c`` and ``||v^|| = ||v||``."""
+def batch_loss_and_features(params: PyTree, x: jax.Array, y: jax.Array,
+                            setup: TrainSetup) -> tuple[jax.Array, jax.Array]:
+  """``(L_B, Phi [B, 2])``: the features come out of the same forward pass."""
+  logits, features = setup.model.apply({'params': params}, x, return_features=True)
+  return jnp.mean(toy_model.logistic_loss(logits, y)), features
+
+
+def fixed_ratio_head(norm: jax.Array, ratio: jax.Array) -> jax.Array:
+  """``v^ = norm (1, c) / sqrt(1 + c^2)``: ``v^_hard / v^_easy = c`` and ``||v^|| = norm``."""
   direction = jnp.stack([jnp.ones_like(ratio), ratio]) / jnp.sqrt(1.0 + ratio**2)
-  return jnp.linalg.norm(v) * direction
+  return norm * direction
 
 
-def intervention_grads(params: PyTree, x: jax.Array, y: jax.Array, ratio: jax.Array, *,
-                       fix_importance: bool, fix_feature_lr: bool,
-                       setup: TrainSetup) -> PyTree:
+def intervention_head(v: jax.Array, spec: RunSpec, data: RunData, setup: TrainSetup) -> jax.Array:
+  """The interventions' ``v^``: ratio ``c``; length ``||v_0||`` (fixed for the run, as
+  Appendix C fixes ``v^_easy`` and ``v^_hard``) or ``||v||`` (``'tracking'``)."""
+  if setup.intervention_norm == 'tracking':
+    norm = jnp.linalg.norm(v)
+  else:
+    norm = jnp.linalg.norm(data.initial_head)
+  return fixed_ratio_head(norm, spec.fixed_ratio)
+
+
+def intervention_grads(params: PyTree, x: jax.Array, y: jax.Array, v_hat: jax.Array, *,
+                       fix_importance: jax.Array, fix_feature_lr: jax.Array,
+                       setup: TrainSetup, return_features: bool = False):
   """The batch gradient of Eqs. 8-10 (Appendix C) for all parameters.
 
   With ``w_iw`` the head in the importance weight and ``w_lr`` the head in the
-  feature-gradient sum (each ``v^`` if fixed, else ``v``)::
+  feature-gradient sum (each ``v^`` if its flag is set, else ``v``)::
 
       grad_theta = mean_i  -y_i sigma(-y_i w_iw . Phi_i) [w_lr . grad_theta Phi_i]
-      grad_v     = mean_i  -y_i sigma(-y_i w_iw . Phi_i) Phi_i
+      grad_v     = mean_i  -y_i sigma(-y_i v . Phi_i) Phi_i
 
   computed as the gradient of a surrogate whose coefficients are held constant
-  with ``stop_gradient``; with neither term fixed it is the logistic-loss
-  gradient. The head's gradient is the ordinary one, ``mean_i -y_i sigma(-y_i
-  v . Phi_i) Phi_i``, whatever is fixed (see the module docstring).
+  with ``stop_gradient``; with neither flag set it is the logistic-loss
+  gradient. The flags may be traced (bools or 0/1 floats). With
+  ``return_features``, returns ``(gradient, Phi [B, 2])``.
   """
   v = toy_model.head_weights(params)
-  v_hat = fixed_ratio_head(v, ratio)
-  w_iw = jax.lax.stop_gradient(v_hat if fix_importance else v)
-  w_lr = jax.lax.stop_gradient(v_hat if fix_feature_lr else v)
+  w_iw = jax.lax.stop_gradient(jnp.where(fix_importance > 0, v_hat, v))
+  w_lr = jax.lax.stop_gradient(jnp.where(fix_feature_lr > 0, v_hat, v))
 
   def surrogate(p):
     _, features = setup.model.apply({'params': p}, x, return_features=True)
@@ -239,28 +316,41 @@ def intervention_grads(params: PyTree, x: jax.Array, y: jax.Array, ratio: jax.Ar
     representation_term = jax.lax.stop_gradient(representation_coefficient) * (features @ w_lr)
     head_term = (jax.lax.stop_gradient(head_coefficient)
                  * (fixed_features @ toy_model.head_weights(p)))
-    return jnp.mean(representation_term + head_term)
+    return jnp.mean(representation_term + head_term), fixed_features
 
-  return jax.grad(surrogate)(params)
+  grads, features = jax.grad(surrogate, has_aux=True)(params)
+  return (grads, features) if return_features else grads
 
 
-def phantom_of(params: PyTree, grads: PyTree, spec: RunSpec, setup: TrainSetup) -> PyTree:
+def clip_at_zero(v: jax.Array, v_phantom: jax.Array) -> jax.Array:
+  """``v~`` with every coordinate whose sign differs from ``v``'s set to 0 (LSAM-noflip)."""
+  return jnp.where(v_phantom * v > 0, v_phantom, jnp.zeros_like(v_phantom))
+
+
+def phantom_of(params: PyTree, grads: PyTree, spec: RunSpec, data: RunData,
+               setup: TrainSetup) -> PyTree:
   """The parameters whose head replaces ``v`` in the method's update (see module doc)."""
-  if setup.method == 'lsam':
-    return samjax.phantom_params(params, grads, spec.rho, mask=samjax.head_mask)[0]
-  if setup.method == 'sam':
+  v = toy_model.head_weights(params)
+  if setup.program == 'lsam':
+    phantom = samjax.phantom_params(params, grads, spec.rho, mask=samjax.head_mask)[0]
+    v_phantom = toy_model.head_weights(phantom)
+    v_phantom = jnp.where(spec.clip_phantom > 0, clip_at_zero(v, v_phantom), v_phantom)
+    return toy_model.with_head_weights(phantom, v_phantom)
+  if setup.program == 'sam':
     return samjax.phantom_params(params, grads, spec.rho)[0]
-  if setup.method in INTERVENTIONS:
-    v_hat = fixed_ratio_head(toy_model.head_weights(params), spec.fixed_ratio)
-    return toy_model.with_head_weights(params, v_hat)
-  return params
+  return toy_model.with_head_weights(params, intervention_head(v, spec, data, setup))
 
 
-def head_stats(v: jax.Array, v_phantom: jax.Array) -> StepStats:
+def head_stats(v: jax.Array, v_phantom: jax.Array, features: jax.Array,
+               y: jax.Array) -> StepStats:
+  weight_real = toy_model.importance_weights(features @ v, y)
+  weight_phantom = toy_model.importance_weights(features @ v_phantom, y)
   return StepStats(real_easy=v[0], real_hard=v[1], phantom_easy=v_phantom[0],
                    phantom_hard=v_phantom[1], real_ratio=v[1] / v[0],
                    phantom_ratio=v_phantom[1] / v_phantom[0],
-                   lr_scale_easy=v_phantom[0] / v[0], lr_scale_hard=v_phantom[1] / v[1])
+                   lr_scale_easy=v_phantom[0] / v[0], lr_scale_hard=v_phantom[1] / v[1],
+                   weight_real=jnp.mean(weight_real), weight_phantom=jnp.mean(weight_phantom),
+                   weight_max_share=jnp.max(weight_real) / jnp.sum(weight_real))
 
 
 def init_run(spec: RunSpec, setup: TrainSetup) -> tuple[RunState, RunData]:
@@ -270,14 +360,18 @@ def init_run(spec: RunSpec, setup: TrainSetup) -> tuple[RunState, RunData]:
 
 
 def init_params_and_data(spec: RunSpec, setup: TrainSetup) -> tuple[PyTree, RunData]:
-  """The method-independent part of :func:`init_run`: data and initial parameters."""
+  """The program-independent part of :func:`init_run`: data and initial parameters."""
   data = make_run_data(spec, setup)
-  params = setup.model.init(run_keys(spec, setup)['init'], data.train_x[:1])['params']
-  return params, data
+  init_key = run_keys(spec, setup)['init']
+  params = setup.model.init(init_key, data.train_x[:1])['params']
+  # The head's own key is folded from the init key, so the feature MLPs start
+  # where they would without a random head.
+  v0 = initial_head(spec, jax.random.fold_in(init_key, 1))
+  return toy_model.with_head_weights(params, v0), data._replace(initial_head=v0)
 
 
 def init_state(params: PyTree, spec: RunSpec, setup: TrainSetup) -> RunState:
-  return RunState(params, make_optimizer(setup, spec.rho).init(params), jnp.zeros((), jnp.int32))
+  return RunState(params, make_optimizer(setup, spec).init(params), jnp.zeros((), jnp.int32))
 
 
 def epoch_order(data: RunData, epoch: jax.Array, setup: TrainSetup) -> jax.Array:
@@ -309,18 +403,25 @@ def train_step(state: RunState, data: RunData, spec: RunSpec, setup: TrainSetup,
   """One update of one run, and the head statistics of the step."""
   x, y = batch_at(data, state.step, setup, epoch_orders)
   grad_fn = jax.grad(functools.partial(batch_loss, x=x, y=y, setup=setup))
-  if setup.method in INTERVENTIONS:
-    fix_importance, fix_feature_lr = INTERVENTIONS[setup.method]
-    grads = intervention_grads(state.params, x, y, spec.fixed_ratio,
-                               fix_importance=fix_importance, fix_feature_lr=fix_feature_lr,
-                               setup=setup)
+  v = toy_model.head_weights(state.params)
+  if setup.program == 'intervention':
+    # v^ depends on v alone (and the run), not on the gradient.
+    phantom = phantom_of(state.params, None, spec, data, setup)
+    grads, features = intervention_grads(state.params, x, y, toy_model.head_weights(phantom),
+                                         fix_importance=spec.fix_importance,
+                                         fix_feature_lr=spec.fix_feature_lr, setup=setup,
+                                         return_features=True)
   else:
-    grads = grad_fn(state.params)
-  # The phantom of this very batch gradient, as the update forms it (interventions
-  # do not use the gradient: their v^ depends on v alone).
-  phantom = phantom_of(state.params, grads, spec, setup)
-  stats = head_stats(toy_model.head_weights(state.params), toy_model.head_weights(phantom))
-  updates, opt_state = make_optimizer(setup, spec.rho).update(
+    grads, features = jax.grad(batch_loss_and_features, has_aux=True)(state.params, x, y, setup)
+    # The phantom of this very batch gradient, as the update forms it.
+    phantom = phantom_of(state.params, grads, spec, data, setup)
+    if setup.program == 'lsam':
+      # Eq. 5: every parameter descends along the gradient at (theta, v~); the
+      # same step as optax.chain(samjax.lsam(rho), optax.sgd(eta)) (tested), with
+      # v~ clipped for LSAM-noflip.
+      grads = grad_fn(phantom)
+  stats = head_stats(v, toy_model.head_weights(phantom), features, y)
+  updates, opt_state = make_optimizer(setup, spec).update(
       grads, state.opt_state, state.params, grad_fn=grad_fn)
   params = optax.apply_updates(state.params, updates)
   return RunState(params, opt_state, state.step + 1), stats
@@ -330,15 +431,16 @@ def snapshot(params: PyTree, data: RunData, spec: RunSpec, setup: TrainSetup) ->
   """Importance weights at ``params`` and at the full-batch phantom, on the training set."""
   x, y = data.train_x, data.train_y
   grads = jax.grad(batch_loss)(params, x, y, setup)
-  phantom = phantom_of(params, grads, spec, setup)
+  phantom = phantom_of(params, grads, spec, data, setup)
   logits, features = setup.model.apply({'params': params}, x, return_features=True)
-  if setup.method == 'sam':  # SAM also moves theta, so the phantom's features differ
+  if setup.program == 'sam':  # SAM also moves theta, so the phantom's features differ
     phantom_logits = setup.model.apply({'params': phantom}, x)
   else:
     phantom_logits = features @ toy_model.head_weights(phantom)
   v = toy_model.head_weights(params)
   return Snapshot(weight_real=toy_model.importance_weights(logits, y),
                   weight_phantom=toy_model.importance_weights(phantom_logits, y),
+                  margin_real=y * logits, margin_phantom=y * phantom_logits,
                   contribution_easy=y * v[0] * features[:, 0],
                   contribution_hard=y * v[1] * features[:, 1])
 
@@ -384,6 +486,11 @@ def train_chunk(state: RunState, data: RunData, spec: RunSpec, setup: TrainSetup
                             evaluate(state.params, data, setup))
 
 
+def _params_and_data_setup(setup: TrainSetup) -> TrainSetup:
+  """The fields data and initialisation depend on; the rest set to fixed values."""
+  return dataclasses.replace(setup, program='lsam', batch_size=1, intervention_norm='initial')
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_params_and_data(setup: TrainSetup):
   # It runs once per sweep and costs microseconds, but LLVM's optimisation of
@@ -393,21 +500,44 @@ def _compiled_params_and_data(setup: TrainSetup):
                  compiler_options={'xla_backend_optimization_level': 0})
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_sweep_fns(setup: TrainSetup, chunk_steps: int):
-  """``(init, chunk)``: ``init(specs)``, ``chunk(state, data, specs)``, vmapped over runs, jitted.
+def compiled_params_and_data(setup: TrainSetup):
+  """``specs -> (params, data)`` vmapped over runs, jitted; one compilation serves
+  every program and batch size (they do not change the data or the init)."""
+  return _compiled_params_and_data(_params_and_data_setup(setup))
 
-  Cached per ``(setup, chunk_steps)``, so a sweep compiles each once whatever
-  the number of chunks; only the number of runs can trigger a retrace. The
-  data and parameter initialisation does not depend on the method, so all the
-  methods of a sweep share one compilation of it.
-  """
-  params_and_data = _compiled_params_and_data(dataclasses.replace(setup, method='sgd'))
-  state_init = jax.jit(jax.vmap(functools.partial(init_state, setup=setup)))
+
+def init_state_batch(params: PyTree, specs: RunSpec, setup: TrainSetup) -> RunState:
+  """:func:`init_state` of a batch of runs, vmapped but not jitted: the optimiser
+  states are a few scalars, not worth a compilation."""
+  return jax.vmap(functools.partial(init_state, setup=setup))(params, specs)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_chunk(setup: TrainSetup, chunk_steps: int):
+  """``chunk(state, data, specs)``: :func:`train_chunk` vmapped over runs, jitted. A
+  ``jax.jit`` object: ``chunk.lower(...).compile()`` compiles it ahead of time
+  (the study compiles its programs concurrently)."""
+  return jax.jit(jax.vmap(functools.partial(train_chunk, setup=setup, num_steps=chunk_steps)))
+
+
+def compiled_sweep_fns(setup: TrainSetup, chunk_steps: int):
+  """``(init, chunk)``: ``init(specs) -> (state, data)`` and ``chunk(state, data, specs)``,
+  vmapped over runs. Cached per ``(setup, chunk_steps)``, so a sweep compiles each
+  once whatever the number of chunks; only the number of runs can trigger a retrace."""
+  params_and_data = compiled_params_and_data(setup)
 
   def init(specs: RunSpec) -> tuple[RunState, RunData]:
     params, data = params_and_data(specs)
-    return state_init(params, specs), data
+    return init_state_batch(params, specs, setup), data
 
-  chunk = jax.jit(jax.vmap(functools.partial(train_chunk, setup=setup, num_steps=chunk_steps)))
-  return init, chunk
+  return init, compiled_chunk(setup, chunk_steps)
+
+
+def clear_compilation_caches() -> None:
+  """Forgets every compiled toy program of this process (benchmarks time cold starts)."""
+  _compiled_params_and_data.cache_clear()
+  compiled_chunk.cache_clear()
+
+
+# experiments/benchmark.py clears the compiled programs through this name.
+compiled_sweep_fns.cache_clear = clear_compilation_caches
