@@ -5,7 +5,8 @@
 
 The last layer ``v`` is a bias-free ``nn.Dense(1, name='head')`` whose kernel is
 ``v`` as a ``[2, 1]`` column, so ``samjax.lsam`` perturbs exactly ``v``. It is
-initialised to ``head_init * (1, 1)``: both features start with the same,
+initialised to ``head_init * (1, 1)`` (the training code may replace it, see
+``samjax.toy.train.initial_head``): both features start with the same,
 positive weight, so the ratio ``v_hard / v_easy`` starts at 1 and the sign of
 each ``phi_k`` is that of its contribution to ``f`` (a random-sign init would
 make ratios of different runs incomparable).

@@ -730,7 +730,9 @@ def write_report(config, outputs, records, figures: Sequence[str], workdir: str,
           m in config.methods for m in ('iw_only', 'lr_only', 'iw_lr')) else ''),
       f'- training: {config.num_steps} steps, lr {config.learning_rate}, batch '
       f'{tuple(config.batch_sizes) or config.batch_size}, {config.num_train} points, width '
-      f'{config.hidden}, v init {config.head_init}',
+      f'{config.hidden}, v init {config.head_init}'
+      + (' x |N(0, I)| per seed' if config.head_random else ' x (1, 1)')
+      + f'; interventions\' v^ length: {config.intervention_norm}',
       f'- wall time: {wall_time_s:.0f} s in all ({train_time_s:.0f} s compiling and training) on '
       f'{os.cpu_count()} CPU cores, {jax.device_count()} {jax.default_backend()} device(s), '
       f'{platform.machine()}',
