@@ -7,8 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from samjax import train
-from samjax.config_validation import validate_train_config
-from samjax.data import stacked_builders
+from samjax.config import validate_train_config
+from samjax.data.builders import stacked as stacked_builders
 from test_data_builders import mock_catalog_sources, write_pacs_tree, write_waterbirds_folder
 from test_train import load_config
 

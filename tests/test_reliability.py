@@ -53,7 +53,7 @@ def read(workdir, name):
 def data_dir(tmp_path_factory):
   """Builds the digits data set once, so that the processes under test only read it."""
   from samjax import data as data_lib
-  from samjax.config_validation import base_train_config
+  from samjax.config import base_train_config
   path = str(tmp_path_factory.mktemp('tfds'))
   config = base_train_config()
   config.data.data_dir = path

@@ -1,6 +1,5 @@
 """End-to-end real-data training on the real scikit-learn digits: outputs, resume, bad input."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -10,17 +9,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from samjax import step as step_lib
+from samjax.train import step as step_lib
 from samjax import train
+from samjax.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'), arg)
 
 
 @pytest.fixture(scope='module')
