@@ -52,7 +52,28 @@ values (the message ends with a command to continue); 74 input/output error (e.g
 
 def _error(message: str, code: int = USAGE_ERROR) -> None:
   print(f'samjax: error: {message}', file=sys.stderr)
-  sys.exit(code)
+  _exit(code)
+
+
+def _exit(code: int) -> None:
+  """Exits now: after a failure, library finalisers (orbax's event loops) only add noise."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  text = str(error)
+  return (getattr(error, 'errno', None) == 28 or 'No space left on device' in text
+          or "os_error_code='28'" in text)
+
+
+class _DropLibraryErrors:
+  """A logging filter: orbax logs a failed save with its traceback from a worker thread; the
+  same error reaches samjax.main, which reports it in one line."""
+
+  def filter(self, record) -> bool:
+    return '/orbax/' not in (record.pathname or '')
 
 
 def _flag_value(argv, name: str):
@@ -137,14 +158,19 @@ def run(config, workdir: str) -> dict:
 
 
 def _continue_command(argv, fault, config) -> str:
-  """A command that starts a new run from the fault's last finite checkpoint, lr / 10."""
+  """A command that starts a new run, lr / 10, from the fault's last sane checkpoint if any.
+
+  A new workdir: the stopped run's workdir keeps its config (and its evidence)."""
   workdir = fault.workdir.rstrip('/')
   learning_rate = config.optimizer.learning_rate / 10
-  kept = [a for a in argv[1:] if not a.startswith(('--workdir', '--config.optimizer.learning_rate',
-                                                   '--config.model.init_checkpoint'))]
+  replaced = ['--workdir', '--config.optimizer.learning_rate']
+  if fault.last_checkpoint is not None:
+    replaced.append('--config.model.init_checkpoint')
+  kept = [a for a in argv[1:] if not a.startswith(tuple(replaced))]
   kept += [f'--workdir={workdir}-lr{learning_rate:g}',
-           f'--config.optimizer.learning_rate={learning_rate:g}',
-           f'--config.model.init_checkpoint={workdir}/checkpoints/{fault.last_checkpoint}']
+           f'--config.optimizer.learning_rate={learning_rate:g}']
+  if fault.last_checkpoint is not None:
+    kept.append(f'--config.model.init_checkpoint={workdir}/checkpoints/{fault.last_checkpoint}')
   return 'python -m samjax.main ' + ' '.join(shlex.quote(a) for a in kept)
 
 
@@ -168,6 +194,8 @@ def _summary(result: dict, workdir: str, seconds: float) -> str:
 def main(argv, flags_values, config_flag, verbosity: int) -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(verbosity)  # after app.run's own set-up, which would reset it
+  if verbosity < 0:
+    logging.get_absl_handler().addFilter(_DropLibraryErrors())
   if len(argv) > 1:
     _error(f'unexpected arguments: {" ".join(argv[1:])}')
   if config_flag.value is None:
@@ -188,19 +216,22 @@ def main(argv, flags_values, config_flag, verbosity: int) -> None:
     if os.environ.get('SAMJAX_DEBUG'):
       raise
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if _is_disk_full(e):  # tensorstore reports ENOSPC as a ValueError
+      _error(f'input/output error: no space left on device ({message[:300]})', IO_ERROR)
     _error(message)
   except TrainingFault as e:
     if os.environ.get('SAMJAX_DEBUG'):
       raise
     message = f'samjax: training stopped: {e}'
     if e.last_checkpoint is not None:
-      message += (f' To continue from the last finite checkpoint (step {e.last_checkpoint}) with '
-                  f'a 10x lower learning rate in a new workdir, run: '
-                  f'{_continue_command(sys.argv, e, config_flag.value)}')
+      message += (f' To continue from the last sane checkpoint (step {e.last_checkpoint}) with '
+                  'a 10x lower learning rate in a new workdir, run: ')
     else:
-      message += ' No checkpoint was saved before it: lower optimizer.learning_rate or rho.'
+      message += (' No checkpoint precedes the divergence; to start afresh with a 10x lower '
+                  'learning rate in a new workdir, run: ')
+    message += _continue_command(sys.argv, e, config_flag.value)
     print(message, file=sys.stderr)
-    sys.exit(TRAINING_FAULT)
+    _exit(TRAINING_FAULT)
   except OSError as e:  # a full disk, a vanished mount: one line, a documented code
     if os.environ.get('SAMJAX_DEBUG'):
       raise

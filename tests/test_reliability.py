@@ -3,6 +3,8 @@
 import json
 import os
 import random
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,3 +122,136 @@ def test_two_processes_equal_one(tmp_path, data_dir):
   p1, p2 = read(single, 'probe.json'), read(multi, 'probe.json')
   for key in ('test_error', 'easy_probe_error', 'hard_probe_error'):
     assert abs(p1[key] - p2[key]) <= 0.02, key
+
+
+def one_error_line(err):
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert 'Traceback' not in err, err
+  assert len(lines) == 1 and lines[0].startswith('samjax: error:'), err
+  return lines[0]
+
+
+def snapshot(workdir):
+  """Every file under workdir with its size and modification time."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, workdir)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_reruns_raise_lower_and_lose_config(tmp_path, data_dir, straight_run):
+  # Raised num_train_steps on a finished workdir: training continues; each step logged once.
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(straight_run, workdir)
+  code, out, err = finish(start(tiny_args(workdir, data_dir, steps=40)))
+  assert code == 0, err
+  steps = [m['step'] for m in read(workdir, 'metrics.jsonl')]
+  assert steps == list(range(2, 41, 2))
+  assert read(workdir, 'metrics.jsonl')[:16] == read(straight_run, 'metrics.jsonl')
+  assert read(workdir, 'probe.json')['num_train_steps'] == 40
+  assert 'samjax: done' in out and 'test error' in out
+
+  # Lowered below the newest checkpoint: refused, nothing touched.
+  before = snapshot(workdir)
+  code, _, err = finish(start(tiny_args(workdir, data_dir, steps=20)))
+  assert code == 2 and 'num_train_steps' in one_error_line(err)
+  assert snapshot(workdir) == before
+
+  # config.json missing beside checkpoints: refused, the checkpoints are not quarantined.
+  os.remove(os.path.join(workdir, 'config.json'))
+  before = snapshot(workdir)
+  code, _, err = finish(start(tiny_args(workdir, data_dir, steps=40)))
+  assert code == 2 and 'config.json' in one_error_line(err)
+  assert snapshot(workdir) == before
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
+
+
+@pytest.mark.parametrize('contents', [None, b'garbage, not a state dict'])
+def test_an_unusable_init_checkpoint_is_refused_before_the_workdir_exists(tmp_path, data_dir,
+                                                                         contents):
+  path = tmp_path / 'weights.npz'
+  if contents is not None:
+    path.write_bytes(contents)
+  workdir = str(tmp_path / 'run')
+  code, _, err = finish(start(tiny_args(workdir, data_dir) +
+                              [f'--config.model.init_checkpoint={path}']))
+  assert code == 2 and 'init_checkpoint' in one_error_line(err)
+  assert not os.path.exists(workdir)
+
+
+def test_the_nan_stop_ends_with_a_command_that_works_as_printed(tmp_path, data_dir):
+  # Each stop prints a command (new workdir, learning rate / 10, from the last sane checkpoint);
+  # run as printed it trains, and may stop again if the rate is still too high: follow the
+  # advice until the run finishes (5 -> 0.5 -> 0.05, the config's own rate, at most).
+  workdir = str(tmp_path / 'diverged')
+  argv = [a.replace('--config=configs/digits_dominoes.py', '--config=configs/digits_dominoes.py:sgd')
+          for a in tiny_args(workdir, data_dir, steps=24)] + ['--config.optimizer.learning_rate=5']
+  code, out, err = finish(start(argv))
+  assert code == 3, err
+  learning_rate = 5.0
+  for _ in range(3):
+    if code == 0:
+      break
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('samjax: training stopped: non-finite'), last
+    command = last.split(', run: ', 1)[1]
+    assert command.startswith('python -m samjax.main ')
+    argv = shlex.split(command)[3:]
+    flags = dict(a.split('=', 1) for a in argv if '=' in a)
+    init = flags.get('--config.model.init_checkpoint')
+    if init is not None:
+      assert os.path.isdir(init), init
+    code, out, err = finish(start(argv))
+    learning_rate /= 10
+    assert code in (0, 3), err
+    saved = read(flags['--workdir'], 'config.json')
+    assert saved['optimizer']['learning_rate'] == pytest.approx(learning_rate)
+    assert saved['model']['init_checkpoint'] == init
+  assert code == 0, err
+  assert 'samjax: done' in out
+
+
+def test_a_full_disk_is_one_line_and_exit_74(tmp_path, data_dir):
+  small = tmp_path / 'small'
+  small.mkdir()
+  # A 1.2 MB file system: config, logs and the first checkpoint (~0.8 MB) fit, the second not.
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1200k', 'tmpfs', str(small)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a small tmpfs here (needs root): no way to fill a disk safely')
+  try:
+    workdir = str(small / 'run')
+    code, _, err = finish(start(tiny_args(workdir, data_dir, steps=24)))
+    assert code == 74, err
+    line = one_error_line(err)
+    assert 'no space left on device' in line
+    assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))  # the saved one is intact
+  finally:
+    subprocess.run(['umount', str(small)], check=True)
+
+
+def test_one_run_per_workdir_and_a_killed_runs_lock_is_taken_over(tmp_path, data_dir,
+                                                                  straight_run):
+  workdir = str(tmp_path / 'run')
+  first = start(tiny_args(workdir, data_dir))
+  try:
+    assert wait_for_checkpoint(workdir, first), 'the first run saved no checkpoint'
+    lock = read(workdir, 'lock.json')
+    assert lock['pid'] == first.pid and lock['host'] == socket.gethostname()
+    before = {k: v for k, v in snapshot(workdir).items() if k != 'lock.json'}
+    code, _, err = finish(start(tiny_args(workdir, data_dir)))
+    assert code == 2, err
+    line = one_error_line(err)
+    assert f'pid {first.pid}' in line and socket.gethostname() in line and 'since' in line
+    assert first.poll() is None  # the holder is unharmed
+  finally:
+    first.kill()
+    first.communicate()
+  assert set(before) <= set(snapshot(workdir))
+  code, _, err = finish(start(tiny_args(workdir, data_dir)))  # the dead run's lock is taken over
+  assert code == 0, err
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released at the end
+  assert read(workdir, 'metrics.jsonl') == read(straight_run, 'metrics.jsonl')
+  assert read(workdir, 'probe.json') == read(straight_run, 'probe.json')

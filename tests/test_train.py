@@ -156,3 +156,49 @@ def test_every_step_option_trains_end_to_end(tmp_path, data_dir, perturbation, m
   assert [m['step'] for m in metrics] == [4]
   assert all(np.isfinite(v) for v in metrics[0].values())
   assert 0.0 <= result['hard_probe_error'] <= 1.0
+
+
+def flip_a_byte_in_array_data(step_dir):
+  """Flips one byte in the middle of the largest array-data file of a checkpoint step."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, 'default'))
+           for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
+  target = max(files, key=os.path.getsize)
+  with open(target, 'r+b') as f:
+    data = bytearray(f.read())
+    data[len(data) // 2] ^= 0x01
+    f.seek(0)
+    f.write(bytes(data))
+  return target
+
+
+def test_a_byte_flip_in_a_checkpoint_is_caught_and_the_previous_one_used(tmp_path, data_dir,
+                                                                         caplog):
+  straight = str(tmp_path / 'straight')
+  expected = train.train_and_evaluate(tiny_digits_config(data_dir, 'sgd', steps=16), straight)
+  workdir = str(tmp_path / 'flipped')
+  train.train_and_evaluate(tiny_digits_config(data_dir, 'sgd', steps=8), workdir)
+  flip_a_byte_in_array_data(os.path.join(workdir, 'checkpoints', '8'))
+  with caplog.at_level('WARNING'):
+    result = train.train_and_evaluate(tiny_digits_config(data_dir, 'sgd', steps=16), workdir)
+  warnings = '\n'.join(r.getMessage() for r in caplog.records)
+  assert 'checkpoint at step 8 is unreadable' in warnings, warnings
+  assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))[0].startswith('8.')
+  # Resumed from step 0 (no older checkpoint: steps 8 of 8-step run, cadence 8): same result.
+  assert read_metrics(workdir) == read_metrics(straight)
+  assert result == expected
+
+
+def test_checksums_are_recorded_and_verified(tmp_path, data_dir):
+  from samjax.train import checkpoint as checkpoint_lib
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_digits_config(data_dir, 'sgd', steps=8), workdir)
+  record = os.path.join(workdir, 'checkpoints', '8', checkpoint_lib.CHECKSUM_FILE)
+  with open(record) as f:
+    assert len(json.load(f)['sha256']) == 64
+  *_, step = train.load_run(workdir)  # verifies the checksum of what it restores
+  assert step == 8 and not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
+  with open(record, 'w') as f:
+    json.dump({'sha256': '0' * 64}, f)
+  with pytest.raises(ValueError, match='no readable checkpoint'):
+    train.load_run(workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))[0].startswith('8.')

@@ -48,8 +48,9 @@ class TrainingFault(RuntimeError):
 
   Attributes:
     workdir: the run's workdir.
-    last_checkpoint: the newest checkpoint step (all saved states passed the finiteness check),
-      or None when none was saved.
+    last_checkpoint: the newest sane checkpoint step of this session, or None: its parameters
+      are finite and the loss at its step was no higher than at the session's first step
+      (before the divergence began).
   """
 
   def __init__(self, message: str, workdir: str = '', last_checkpoint: Optional[int] = None):
@@ -162,10 +163,39 @@ def _writers(workdir: epath.Path, is_lead: bool):
   return metric_writers.MultiWriter([jsonl, tensorboard]), tensorboard
 
 
+def _on_lead(check) -> None:
+  """Runs ``check`` (which may raise ValueError) on process 0; every process raises if it did."""
+  if jax.process_count() == 1:
+    check()
+    return
+  error = None
+  if jax.process_index() == 0:
+    try:
+      check()
+    except ValueError as e:
+      error = e
+  failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if int(failed):
+    raise ValueError('process 0 refused the run (its message names the cause).')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per ``config``, writes the workdir outputs, returns the final metrics (probe.json)."""
+  held = []
+  try:
+    return _train_and_evaluate(config, workdir, held)
+  finally:
+    for lock in held:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, held: list) -> dict:
   validate_train_config(config, num_devices=jax.device_count())
   workdir_path = workdir_lib.check_usable(workdir)
+  lock = workdir_lib.WorkdirLock(workdir_path)
+  _on_lead(lock.check)  # before anything is read or written: a second run leaves no trace
   workdir_lib.check_rerun(workdir_path, config)
   dataset = _load_dataset(config)
   model = models.create_model(_model_config(config), dataset.num_classes)
@@ -196,6 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     initial = _initial_variables(config.model.init_checkpoint, state)
 
   workdir_path.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    held.append(lock)
+  _on_lead(lock.acquire)
   if is_lead:
     workdir_lib.write_config(workdir_path, config)
   manager = checkpoint_lib.manager(workdir_path, config.keep_checkpoints)
@@ -220,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = _progress_bar(is_lead and config.progress_bar, start_step, num_steps)
   pending: list[tuple[int, dict]] = []
   last_time, last_step = time.monotonic(), start_step
-  last_saved = start_step or None
+  losses: dict[int, float] = {}  # loss at every step of this session, for the NaN advice
 
   def flush(current_step: int) -> None:
     """Fetches pending metrics (one host sync), checks them, logs them."""
@@ -228,12 +261,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_logged = None
     for s, m in pending:
       m = _to_python(m)
+      losses[s] = m['loss']
       try:
         _check_finite(s, m)
       except TrainingFault as e:
-        finite = None
-        if last_saved is not None:
-          finite = checkpoint_lib.newest_finite_step(manager, init_state_abstract)
+        first_loss = losses[min(losses)]
+        sane = [step for step in manager.all_steps()
+                if step in losses and losses[step] <= first_loss]
+        finite = checkpoint_lib.newest_finite_step(manager, init_state_abstract, sane)
         manager.close()
         raise TrainingFault(str(e), str(workdir), finite) from None
       if s % log_every == 0 or s == num_steps:
@@ -264,7 +299,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush(step)  # never checkpoint a state whose metrics were not checked
       if step % checkpoint_every == 0 or step == num_steps or stop:
         checkpoint_lib.save(manager, step, state)
-        last_saved = step
       if stop:
         logging.warning('preempted: checkpointed step %d; rerun the same command to resume', step)
         if progress is not None:

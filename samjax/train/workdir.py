@@ -8,11 +8,14 @@ Layout (a local path or a URL such as ``gs://bucket/run``; every access goes thr
   tensorboard/      TensorBoard event files (clu metric writers)
   checkpoints/      orbax CheckpointManager (periodic, keep N, automatic resume)
   probe.json        test_error, worst_group_error, easy/hard probe errors, per-group numbers
+  lock.json         the live run's host, pid, start and heartbeat (removed when it ends)
 
 Rules of a rerun on an existing workdir (checked before anything is written):
 
 * the config must match ``config.json`` except the fields of :data:`RESUMABLE_FIELDS`;
 * checkpoints without ``config.json`` are refused (the run they belong to is unknown);
+* one run at a time: a second run on a workdir whose lock (:class:`WorkdirLock`) is alive is
+  refused naming the holder; a dead run's lock is taken over;
 * ``num_train_steps`` may be raised (training continues from the newest checkpoint; the
   learning-rate schedule is the new length's, so the steps after the old end follow the new
   schedule) but not lowered below the newest checkpoint.
@@ -22,6 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
+import uuid
 from typing import Optional
 
 from clu import metric_writers
@@ -61,7 +68,7 @@ def check_usable(workdir: str) -> epath.Path:
       raise ValueError(f'--workdir {workdir} is not writable; pass a writable directory.')
     return path
   if _is_local(path):
-    parent = epath.Path(os.path.abspath(os.fspath(path))).parent
+    parent = path.absolute().parent
     while not parent.exists():
       parent = parent.parent
     if not parent.is_dir():
@@ -194,3 +201,96 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
 
   def write_hparams(self, hparams):
     del hparams
+
+
+LOCK_FILE = 'lock.json'
+# A live run rewrites its lock every HEARTBEAT_SECONDS; a lock not rewritten for STALE_SECONDS
+# belongs to a dead run (killed, or its host lost) and is taken over. On the lock's own host a
+# run whose process no longer exists is seen dead at once.
+HEARTBEAT_SECONDS = 30.0
+STALE_SECONDS = 300.0
+
+
+class WorkdirLock:
+  """One run per workdir: ``<workdir>/lock.json`` names the holder (host, pid, since).
+
+  Object stores such as gs:// have no file locks, so the lock is a file with a heartbeat: a
+  daemon thread rewrites it while the run lives, and a lock is stale when its heartbeat is
+  older than :data:`STALE_SECONDS` or its process is gone from this host. Two runs starting
+  within the same second may both see no lock; each then re-reads the lock after writing it
+  and only the one whose token is there proceeds.
+  """
+
+  def __init__(self, workdir: epath.Path, heartbeat: float = HEARTBEAT_SECONDS,
+               stale: float = STALE_SECONDS):
+    self._path = epath.Path(workdir) / LOCK_FILE
+    self._heartbeat, self._stale = heartbeat, stale
+    self._token = uuid.uuid4().hex
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+    self._since = time.time()
+
+  def _record(self) -> dict:
+    return {'host': socket.gethostname(), 'pid': os.getpid(), 'since': self._since,
+            'heartbeat': time.time(), 'token': self._token}
+
+  def holder(self) -> Optional[dict]:
+    """The live holder's record, or None if the workdir is free (no lock, or a stale one)."""
+    if not self._path.exists():
+      return None
+    try:
+      record = json.loads(self._path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError):
+      return None  # torn or just removed: free
+    if time.time() - float(record.get('heartbeat', 0)) > self._stale:
+      return None
+    if record.get('host') == socket.gethostname() and not _process_alive(record.get('pid')):
+      return None
+    return record
+
+  def check(self) -> None:
+    """ValueError naming the holder if another live run holds the workdir (reads only)."""
+    record = self.holder()
+    if record is not None and record.get('token') != self._token:
+      since = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(float(record['since'])))
+      raise ValueError(
+          f'workdir {self._path.parent} is in use by another run (host {record["host"]}, pid '
+          f'{record["pid"]}, since {since}); stop it, or use a new --workdir. A lock whose '
+          f'run died is taken over after {self._stale:.0f} s without heartbeat.')
+
+  def acquire(self) -> None:
+    self.check()
+    atomic_write_json(self._path, self._record())
+    time.sleep(0.2)  # let a simultaneous starter's write land, then see who won
+    self.check()
+    self._thread = threading.Thread(target=self._beat, name='samjax-lock', daemon=True)
+    self._thread.start()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self._heartbeat):
+      try:
+        atomic_write_json(self._path, self._record())
+      except Exception:  # pylint: disable=broad-except  # a missed beat: the next one retries
+        pass
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+      try:
+        record = json.loads(self._path.read_text())
+        if record.get('token') == self._token:
+          self._path.unlink()
+      except (FileNotFoundError, json.JSONDecodeError):
+        pass
+
+
+def _process_alive(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except (ProcessLookupError, ValueError, TypeError):
+    return False
+  except PermissionError:  # exists, another user's
+    return True
+  return True
