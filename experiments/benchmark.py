@@ -649,6 +649,7 @@ def _load_pipeline_dataset(case: PipelineCase, data_config, data_dir: str):
   from samjax import data as data_lib
   data_config = dict(data_config)
   data_config['data_dir'] = data_dir
+  data_config['download'] = case.source != 'real'  # mocked sources: no network either way
   if case.source == 'real':
     return data_lib.load_dataset(data_config)
   if case.source == 'mock':

@@ -147,6 +147,9 @@ FIELDS: tuple[Field, ...] = (
     Field('data.data_dir', None, str,
           "TFDS data_dir (a path or gs:// URL); None: TFDS's default (honours TFDS_DATA_DIR).",
           optional=True),
+    Field('data.download', False, bool,
+          'Let TFDS download and prepare a data set not prepared in data_dir; False: stop with '
+          'the command that prepares it.'),
     Field('data.manual_dir', None, str,
           'Manual downloads of waterbirds / domainbed; None: <data_dir>/downloads/manual.',
           optional=True),

@@ -12,6 +12,7 @@ as a full disk (one line); 143 preempted by SIGTERM (checkpointed; the same comm
 
 from __future__ import annotations
 
+import ast
 import os
 import shlex
 import sys
@@ -245,6 +246,17 @@ def main(argv, flags_values, config_flag, verbosity: int) -> None:
     print(_summary(result, flags_values.workdir, time.time() - start))
 
 
+def _plain(error: BaseException) -> str:
+  """An error's text on one line; ml_collections' messages are the repr of a KeyError's."""
+  text = str(error)
+  if text[:1] in ('"', "'"):
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      pass
+  return '; '.join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def cli() -> None:
   """Parses flags ourselves so that a bad flag is one line and exit code 2, not a usage dump."""
   argv = sys.argv
@@ -268,8 +280,10 @@ def cli() -> None:
       config_flag.value.get('job')  # config files load lazily: surface a load failure here
   except flags.Error as e:
     _error(str(e).splitlines()[0].replace('\\n', ' '))
-  except (ValueError, KeyError, AttributeError, TypeError, FileNotFoundError, OSError) as e:
-    # config_flags raises these for an override of an unknown field or a bad value.
+  except (KeyError, AttributeError) as e:  # an override of an unknown field
+    _error(f'--config: unknown field {_plain(e)}')
+  except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+    # config_flags raises these for a bad value.
     _error(f'bad --config: {str(e).splitlines()[0] if str(e) else type(e).__name__}')
   if _verbosity(sys.argv) < 0:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

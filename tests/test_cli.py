@@ -151,3 +151,27 @@ def test_a_workdir_that_is_a_file_or_read_only_is_refused_untouched(tmp_path):
     if os.geteuid() == 0:
       subprocess.run(['chattr', '-i', str(read_only)], check=True)
     read_only.chmod(0o755)
+
+
+def test_a_data_set_that_is_not_prepared_stops_before_any_download(tmp_path):
+  workdir, data_dir = tmp_path / 'run', tmp_path / 'empty_tfds'
+  data_dir.mkdir()
+  proc = run_main(['--config=configs/cifar_mnist.py', f'--workdir={workdir}',
+                   f'--config.data.data_dir={data_dir}'])
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'Traceback' not in proc.stderr, lines
+  for part in ('cifar_mnist is not prepared', str(data_dir),
+               f'python -m samjax.data.prepare --name=cifar_mnist --data_dir={data_dir}',
+               'data.download=True'):
+    assert part in lines[0], part
+  assert not workdir.exists()
+  assert os.listdir(data_dir) == []  # nothing downloaded, nothing half-written
+
+
+def test_a_typo_in_a_field_name_is_plain_text_with_a_suggestion(tmp_path):
+  proc = run_main(['--config=configs/digits_dominoes.py', f'--workdir={tmp_path / "run"}',
+                   '--config.optimizer.nmae=sgd'])
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'Did you mean "name"' in lines[0] and '\\' not in lines[0], lines

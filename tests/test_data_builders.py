@@ -129,7 +129,7 @@ def test_load_celeb_a_mocked(tmp_path):
   with tfds.testing.mock_data(num_examples=64):
     dataset = load_lib.load_dataset(
         {'name': 'celeb_a', 'data_dir': str(tmp_path), 'image_size': 24,
-         'normalization': 'imagenet'})
+         'normalization': 'imagenet', 'download': True})
   assert dataset.label_feature == 'blond_hair' and dataset.attribute_feature == 'male'
   assert dataset.easy_feature == 'label' and dataset.hard_feature == 'attribute'
   assert dataset.label_names == ('not_blond', 'blond')
@@ -149,7 +149,7 @@ def test_stacked_builders_from_mocked_sources(tmp_path, name, image_shape, num_c
                                               bottom_feature):
   builder_classes = [stacked_builders.CifarMnist, stacked_builders.FmnistMnist]
   with mock_catalog_sources(600, str(tmp_path), builder_classes):
-    dataset = load_lib.load_dataset({'name': name, 'data_dir': str(tmp_path)})
+    dataset = load_lib.load_dataset({'name': name, 'data_dir': str(tmp_path), 'download': True})
     builder = tfds.builder(name, data_dir=str(tmp_path))
     train = read_builder_split(builder, 'train')
     probe_train = read_builder_split(builder, 'probe_train')

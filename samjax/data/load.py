@@ -276,8 +276,25 @@ def _concatenate(splits: Sequence[Split]) -> Split:
 # load_dataset.
 
 
+# Data sets whose preparation downloads (the TFDS catalog); the others build from local files
+# (scikit-learn's digits, manual downloads).
+DOWNLOADED = ('celeb_a', 'cifar_mnist', 'fmnist_mnist')
+
+
+def prepare_command(config: Mapping[str, Any], data_dir: str) -> str:
+  command = f'python -m samjax.data.prepare --name={config["name"]} --data_dir={data_dir}'
+  if config['name'] == 'domainbed':
+    command += f' --domainbed_dataset={config["domainbed_dataset"]}'
+  return command
+
+
 def _prepared_builder(tfds_name: str, config: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
   builder = tfds.builder(tfds_name, data_dir=config['data_dir'])
+  if (config['name'] in DOWNLOADED and not config['download'] and not builder.is_prepared()):
+    raise ValueError(
+        f'config.data.name: {tfds_name} is not prepared in {builder.data_dir_root}; prepare it '
+        f'once with: {prepare_command(config, builder.data_dir_root)} (or let this run download '
+        'it: --config.data.download=True)')
   manual_dir = config['manual_dir']
   if manual_dir is None:
     manual_dir = epath.Path(builder.data_dir_root) / 'downloads' / 'manual'
