@@ -13,6 +13,7 @@ as a full disk (one line); 143 preempted by SIGTERM (checkpointed; the same comm
 from __future__ import annotations
 
 import ast
+import logging as std_logging
 import os
 import shlex
 import sys
@@ -70,11 +71,16 @@ def _is_disk_full(error: BaseException) -> bool:
 
 
 class _DropLibraryErrors:
-  """A logging filter: orbax logs a failed save with its traceback from a worker thread; the
-  same error reaches samjax.main, which reports it in one line."""
+  """A logging filter for the default verbosity: orbax logs a failed save with its traceback
+  from a worker thread (the same error reaches samjax.main, which reports it in one line), and
+  TFDS warns about folders it looks into while finding a data set (samjax says what is
+  missing)."""
 
   def filter(self, record) -> bool:
-    return '/orbax/' not in (record.pathname or '')
+    path = record.pathname or ''
+    if '/orbax/' in path:
+      return False
+    return not ('/tensorflow_datasets/' in path and record.levelno < std_logging.ERROR)
 
 
 def _flag_value(argv, name: str):
@@ -101,7 +107,6 @@ def _quiet_libraries(verbosity: int) -> None:
   if verbosity >= 0:
     return
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is first imported
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
   for name in ('absl', 'orbax', 'jax', 'tensorflow', 'etils'):
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
   # TensorFlow's C++ logging prints INFO lines at import whatever TF_CPP_MIN_LOG_LEVEL says
