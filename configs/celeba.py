@@ -7,7 +7,7 @@ its frequency in training. Point model.init_checkpoint at a torchvision ResNet-1
 (.pth) or its .npz to start from pretrained weights.
 """
 
-from samjax.config_validation import base_train_config
+from samjax.config import base_train_config
 
 
 def get_config(arg=None):

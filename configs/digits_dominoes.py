@@ -4,7 +4,7 @@ The real-data default that trains anywhere in minutes:
   python -m samjax.main --config=configs/digits_dominoes.py --workdir=runs/digits
 """
 
-from samjax.config_validation import base_train_config
+from samjax.config import base_train_config
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ the held-out domain's test accuracy of a probe trained on its training part (Tab
 Paper grid: rho {0, .03, .05, .1}.
 """
 
-from samjax.config_validation import base_train_config
+from samjax.config import base_train_config
 
 
 def get_config(arg=None):

@@ -4,7 +4,7 @@ Paper grid: lr {0.01, 0.05, 0.1} x rho {0, .01, .03, .05, .07, .1, .2}, batch 10
 momentum 0.9, no weight decay, mean-pixel normalisation, no augmentation, 20 epochs.
 """
 
-from samjax.config_validation import base_train_config
+from samjax.config import base_train_config
 
 
 def get_config(arg=None):

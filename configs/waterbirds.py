@@ -7,7 +7,7 @@ lost; 1e-4 here), standard augmentation, down-scaled images (size lost; 112x112 
 Test error weights each group's error by its frequency in training.
 """
 
-from samjax.config_validation import base_train_config
+from samjax.config import base_train_config
 
 
 def get_config(arg=None):

@@ -83,7 +83,8 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from samjax import diagnostics  # noqa: E402
-from samjax import step as step_lib  # noqa: E402
+from samjax.train import optim  # noqa: E402
+from samjax.train import step as step_lib  # noqa: E402
 from samjax.models import create_model, init_variables  # noqa: E402
 
 SECTIONS = ('steps', 'scaling', 'toy', 'per_example', 'pipeline')
@@ -321,7 +322,7 @@ NUM_TRAIN_STEPS = 10_000
 
 
 class _Config(dict):
-  """The slice of ``ml_collections.ConfigDict`` that samjax.step reads (``.get``, attributes)."""
+  """The slice of ``ml_collections.ConfigDict`` that samjax.train.optim reads (``.get``, attributes)."""
 
   def __getattr__(self, name):
     try:
@@ -338,7 +339,7 @@ def optimizer_config(name: str) -> _Config:
 
 def optax_contrib_sam(config) -> optax.GradientTransformation:
   """``optax.contrib.sam`` in opaque mode with the same schedule, momentum and radius."""
-  schedule = step_lib.learning_rate_schedule(config, NUM_TRAIN_STEPS)
+  schedule = optim.learning_rate_schedule(config, NUM_TRAIN_STEPS)
   return optax.contrib.sam(
       optax.sgd(schedule, momentum=config.momentum),
       optax.chain(optax.contrib.normalize(), optax.sgd(config.rho)),
@@ -474,12 +475,9 @@ def bench_scaling(size: Size) -> dict[str, Any]:
 
 def load_config_file(relative_path: str, arg: Optional[str] = None):
   """``get_config(arg)`` of a config file of the repository (``configs/*.py``)."""
-  import importlib.util
+  from samjax.config import load_config_file as load  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relative_path)
-  spec = importlib.util.spec_from_file_location(f'_bench_config_{abs(hash(path))}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load(path, arg)
 
 
 def toy_config(size: Size):
@@ -634,7 +632,7 @@ def _mock_catalog_sources(num_examples: int, data_dir: str):
   """Mocked catalog datasets (mnist, cifar10, fashion_mnist) under our real stacked builders."""
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core import dataset_builder
-  from samjax.data import stacked_builders
+  from samjax.data.builders import stacked as stacked_builders
   real = {name: dataset_builder.DatasetBuilder.__dict__[name]
           for name in ('download_and_prepare', 'as_dataset', 'as_data_source')}
   real['_as_dataset'] = dataset_builder.FileReaderBuilder.__dict__['_as_dataset']
@@ -651,6 +649,7 @@ def _load_pipeline_dataset(case: PipelineCase, data_config, data_dir: str):
   from samjax import data as data_lib
   data_config = dict(data_config)
   data_config['data_dir'] = data_dir
+  data_config['download'] = case.source != 'real'  # mocked sources: no network either way
   if case.source == 'real':
     return data_lib.load_dataset(data_config)
   if case.source == 'mock':

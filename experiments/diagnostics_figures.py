@@ -157,7 +157,7 @@ def compute(workdir: str, *, num_examples: int = 512, rho: Optional[float] = Non
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from samjax import diagnostics, probe, train  # pylint: disable=g-import-not-at-top
-  from samjax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from samjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   if not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir} does not exist.')

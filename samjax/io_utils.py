@@ -1,41 +1,61 @@
-"""Small file helpers shared by the training path, the toy study and the experiments."""
+"""Small file helpers shared by the training path, the toy study and the experiments.
+
+Paths are :class:`etils.epath.Path` (a local path or a URL such as ``gs://bucket/run``).
+Files are created with the process's usual permissions (0644 under umask 022).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import IO, Any, Callable
+import uuid
+from typing import IO, Any, Callable, Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike, epath.Path]
 
 
-def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
   """Calls ``write(file)`` on a temporary file beside ``path``, then renames it into place.
 
   Readers see the old file or the new one, never a torn one, and a crash leaves no partial file.
+  (On object stores such as gs:// a rename is a copy: the new object appears whole or not at all.)
   """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex}.tmp'
   try:
-    with os.fdopen(fd, 'wb' if binary else 'w') as f:
+    with tmp.open('wb' if binary else 'w') as f:
       write(f)
       f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+      if isinstance(getattr(f, 'fileno', None), Callable):
+        try:
+          os.fsync(f.fileno())
+        except (OSError, ValueError, NotImplementedError):  # not a local file
+          pass
+    tmp.replace(path)
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    try:
+      if tmp.exists():
+        tmp.unlink()
+    except Exception:  # pylint: disable=broad-except  # the original error matters more
+      pass
     raise
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: PathLike, text: str) -> None:
   atomic_write(path, lambda f: f.write(text))
 
 
-def atomic_write_json(path: str, obj: Any) -> None:
+def atomic_write_json(path: PathLike, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + '\n')
 
 
-def atomic_save_figure(fig, path: str, **savefig_kwargs) -> None:
+def atomic_save_figure(fig, path: PathLike, **savefig_kwargs) -> None:
   """``fig.savefig`` as PNG, atomically."""
   atomic_write(path, lambda f: fig.savefig(f, format='png', **savefig_kwargs), binary=True)
+
+
+def read_json(path: PathLike) -> Any:
+  return json.loads(epath.Path(path).read_text())

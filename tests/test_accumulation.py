@@ -8,8 +8,8 @@ import pytest
 
 import samjax
 from samjax import models
-from samjax import step as step_lib
-from samjax.config_validation import base_train_config, validate_train_config
+from samjax.train import step as step_lib
+from samjax.config import base_train_config, validate_train_config
 from test_step import TinyNet, make_batch, opt_config
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from samjax.config_validation import base_train_config, validate_train_config
+from samjax.config import base_train_config, validate_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,3 +69,109 @@ def test_validation_names_the_field():
   bad.model.name = 'vgg'
   with pytest.raises(ValueError, match='config.model.name.*convnet, resnet18'):
     validate_train_config(bad, num_devices=1)
+
+
+def test_help_lists_the_flags_and_where_the_fields_are():
+  proc = run_main(['--help'])
+  assert proc.returncode == 0, proc.stderr
+  for flag in ('--config', '--workdir', '--verbosity', '--show_config', 'docs/CONFIG.md',
+               'exit codes'):
+    assert flag in proc.stdout, flag
+
+
+def test_show_config_prints_every_field(tmp_path):
+  proc = run_main(['--config=configs/digits_dominoes.py', '--show_config'])
+  assert proc.returncode == 0, proc.stderr
+  for field in ('checkpoint_every_steps', 'grad_clip_norm', 'held_out_domain'):
+    assert field in proc.stdout
+
+
+def write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.fixture
+def bad_config_files(tmp_path):
+  return {
+      'syntax error': write(tmp_path / 'syntax.py', 'def get_config(:\n'),
+      'get_config() raised': write(tmp_path / 'raises.py',
+                                 'def get_config():\n  raise RuntimeError("boom")\n'),
+      'ModuleNotFoundError': write(tmp_path / 'imports.py', 'import no_such_module_xyz\n'),
+      'not a Python file': write(tmp_path / 'config.yaml', 'a: 1\n'),
+      'defines no get_config': write(tmp_path / 'empty.py', 'x = 1\n'),
+  }
+
+
+@pytest.mark.parametrize('kind', ['syntax error', 'get_config() raised', 'ModuleNotFoundError',
+                                  'not a Python file', 'defines no get_config'])
+def test_broken_config_files_are_one_line_and_exit_2(tmp_path, bad_config_files, kind):
+  workdir = tmp_path / 'run'
+  proc = run_main([f'--config={bad_config_files[kind]}', f'--workdir={workdir}'])
+  assert proc.returncode == 2, proc.stderr
+  assert 'Traceback' not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('samjax: error:') and kind in lines[0], lines
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('override, field', [
+    ('--config.seed=1180591620717411303424', 'seed'),  # 2**70
+    ('--config.num_train_steps=1000000000000000000000000000000', 'num_train_steps'),  # 10**30
+])
+def test_numbers_out_of_range_are_refused_by_the_schema(tmp_path, override, field):
+  workdir = tmp_path / 'run'
+  proc = run_main(['--config=configs/digits_dominoes.py', f'--workdir={workdir}', override])
+  assert proc.returncode == 2, proc.stderr
+  assert 'Traceback' not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and field in lines[0], lines
+  assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_or_read_only_is_refused_untouched(tmp_path):
+  as_file = tmp_path / 'file'
+  as_file.write_text('not a directory')
+  proc = run_main(['--config=configs/digits_dominoes.py', f'--workdir={as_file}'])
+  assert proc.returncode == 2 and 'is a file' in proc.stderr, proc.stderr
+  assert as_file.read_text() == 'not a directory'
+  read_only = tmp_path / 'ro'
+  read_only.mkdir()
+  read_only.chmod(0o555)
+  if os.geteuid() == 0:  # root ignores permission bits: an immutable folder refuses root too
+    if subprocess.run(['chattr', '+i', str(read_only)], capture_output=True).returncode:
+      pytest.skip('running as root and chattr +i is unavailable: no read-only folder possible')
+  try:
+    for workdir in (read_only, read_only / 'run'):
+      proc = run_main(['--config=configs/digits_dominoes.py', f'--workdir={workdir}'])
+      assert proc.returncode == 2 and 'not writable' in proc.stderr, proc.stderr
+      assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+      assert os.listdir(read_only) == []
+  finally:
+    if os.geteuid() == 0:
+      subprocess.run(['chattr', '-i', str(read_only)], check=True)
+    read_only.chmod(0o755)
+
+
+def test_a_data_set_that_is_not_prepared_stops_before_any_download(tmp_path):
+  workdir, data_dir = tmp_path / 'run', tmp_path / 'empty_tfds'
+  data_dir.mkdir()
+  proc = run_main(['--config=configs/cifar_mnist.py', f'--workdir={workdir}',
+                   f'--config.data.data_dir={data_dir}'])
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'Traceback' not in proc.stderr, lines
+  for part in ('cifar_mnist is not prepared', str(data_dir),
+               f'python -m samjax.data.prepare --name=cifar_mnist --data_dir={data_dir}',
+               'data.download=True'):
+    assert part in lines[0], part
+  assert not workdir.exists()
+  assert os.listdir(data_dir) == []  # nothing downloaded, nothing half-written
+
+
+def test_a_typo_in_a_field_name_is_plain_text_with_a_suggestion(tmp_path):
+  proc = run_main(['--config=configs/digits_dominoes.py', f'--workdir={tmp_path / "run"}',
+                   '--config.optimizer.nmae=sgd'])
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'Did you mean "name"' in lines[0] and '\\' not in lines[0], lines

@@ -7,8 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from samjax import train
-from samjax.config_validation import validate_train_config
-from samjax.data import stacked_builders
+from samjax.config import validate_train_config
+from samjax.data.builders import stacked as stacked_builders
 from test_data_builders import mock_catalog_sources, write_pacs_tree, write_waterbirds_folder
 from test_train import load_config
 
@@ -38,6 +38,7 @@ def check_outputs(workdir, result):
 
 def test_celeba_config_under_mock_data(tmp_path):
   config = shrink(load_config('celeba', 'sam'), tmp_path, image_size=32)
+  config.data.download = True  # mock_data: the download is a no-op
   with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path / 'tfds')):
     result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   check_outputs(str(tmp_path / 'run'), result)
@@ -49,6 +50,7 @@ def test_celeba_config_under_mock_data(tmp_path):
                                            ('fmnist_mnist', stacked_builders.FmnistMnist)])
 def test_stacked_configs_under_mocked_catalog_data(tmp_path, name, builder):
   config = shrink(load_config(name, 'lsam'), tmp_path)
+  config.data.download = True  # from mocked catalog sources
   with mock_catalog_sources(600, str(tmp_path / 'tfds'), [builder]):
     result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   check_outputs(str(tmp_path / 'run'), result)

@@ -6,10 +6,13 @@ No TFDS building here: every dataset is synthetic and made in memory.
 import numpy as np
 import pytest
 
-from samjax.data import composition
-from samjax.data import pipeline
-from samjax.data.pipeline import FeatureDataset
-from samjax.data.pipeline import Split
+from samjax import config as config_lib
+from samjax.data import dataset as dataset_lib
+from samjax.data import input as input_lib
+from samjax.data import load as load_lib
+from samjax.data.builders import composition
+from samjax.data.dataset import FeatureDataset
+from samjax.data.dataset import Split
 
 
 def make_split(num_examples, image_shape=(8, 6, 3), num_classes=2, num_attributes=3, seed=0):
@@ -23,7 +26,7 @@ def make_split(num_examples, image_shape=(8, 6, 3), num_classes=2, num_attribute
 
 def make_dataset(train):
   other = make_split(12, train.images.shape[1:], train.num_classes, train.num_attributes, seed=1)
-  mean, std = pipeline.normalization_constants('mean_pixel', train.images)
+  mean, std = dataset_lib.normalization_constants('mean_pixel', train.images)
   return FeatureDataset(
       name='synthetic', train=train, val=other, test=other, probe_train=other, probe_test=other,
       num_classes=train.num_classes, num_attributes=train.num_attributes, label_feature='a',
@@ -63,15 +66,15 @@ def test_normalize_uses_mean_and_std(dataset):
 
 def test_mean_pixel_constants_match_numpy():
   images = make_split(40).images
-  mean, std = pipeline.normalization_constants('mean_pixel', images, chunk_size=7)
+  mean, std = dataset_lib.normalization_constants('mean_pixel', images, chunk_size=7)
   pixels = images.reshape(-1, 3).astype(np.float64)
   np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-6)
   np.testing.assert_allclose(std, pixels.std(0), rtol=1e-5)
-  mean, std = pipeline.normalization_constants('none', images)
+  mean, std = dataset_lib.normalization_constants('none', images)
   np.testing.assert_array_equal(mean, 0.0)
   np.testing.assert_array_equal(std, 255.0)
   with pytest.raises(ValueError, match='RGB'):
-    pipeline.normalization_constants('imagenet', images[..., :1])
+    dataset_lib.normalization_constants('imagenet', images[..., :1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,18 +83,18 @@ def test_mean_pixel_constants_match_numpy():
 
 def test_group_balanced_subset():
   split = make_split(300)
-  subset = pipeline.group_balanced_subset(split, np.random.default_rng(0))
+  subset = load_lib.group_balanced_subset(split, np.random.default_rng(0))
   counts = subset.group_counts()
   assert np.all(counts == split.group_counts().min())
-  capped = pipeline.group_balanced_subset(split, np.random.default_rng(0), max_per_group=5)
+  capped = load_lib.group_balanced_subset(split, np.random.default_rng(0), max_per_group=5)
   assert np.all(capped.group_counts() == 5)
-  again = pipeline.group_balanced_subset(split, np.random.default_rng(0), max_per_group=5)
+  again = load_lib.group_balanced_subset(split, np.random.default_rng(0), max_per_group=5)
   np.testing.assert_array_equal(capped.images, again.images)
 
 
 def test_group_balanced_subset_cap_only_keeps_imbalance():
   split = make_split(300)
-  capped = pipeline.group_balanced_subset(
+  capped = load_lib.group_balanced_subset(
       split, np.random.default_rng(0), max_per_group=45, balance=False)
   np.testing.assert_array_equal(capped.group_counts(), np.minimum(split.group_counts(), 45))
 
@@ -100,18 +103,18 @@ def test_group_balanced_subset_raises_on_empty_group():
   split = make_split(30)
   split = split.take(np.flatnonzero(split.groups != 0))
   with pytest.raises(ValueError, match='empty'):
-    pipeline.group_balanced_subset(split, np.random.default_rng(0))
+    load_lib.group_balanced_subset(split, np.random.default_rng(0))
 
 
 def test_holdout_split_is_a_deterministic_partition():
   split = make_split(50)
   split = Split(np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1), split.labels,
                 split.attributes, 2, 3)
-  rest, held_out = pipeline.holdout_split(split, 0.1, np.random.default_rng(3))
+  rest, held_out = load_lib.holdout_split(split, 0.1, np.random.default_rng(3))
   assert len(held_out) == 5 and len(rest) == 45
   ids = np.concatenate([rest.images.ravel(), held_out.images.ravel()])
   np.testing.assert_array_equal(np.sort(ids), np.arange(50))
-  _, again = pipeline.holdout_split(split, 0.1, np.random.default_rng(3))
+  _, again = load_lib.holdout_split(split, 0.1, np.random.default_rng(3))
   np.testing.assert_array_equal(held_out.images, again.images)
 
 
@@ -168,20 +171,20 @@ def test_split_class_pools_partition_each_class():
 
 
 def test_same_seed_and_step_give_the_same_batch(dataset):
-  first = pipeline.TrainBatches(dataset.train, dataset, 10, seed=7, augment=True)
-  second = pipeline.TrainBatches(dataset.train, dataset, 10, seed=7, augment=True)
+  first = input_lib.TrainBatches(dataset.train, dataset, 10, seed=7, augment=True)
+  second = input_lib.TrainBatches(dataset.train, dataset, 10, seed=7, augment=True)
   for step in (0, 3, 25, 11):  # Out of order, across epochs: a resumed run sees the same data.
     a, b = first.batch_at(step), second.batch_at(step)
     for key in ('image', 'label', 'attribute'):
       np.testing.assert_array_equal(a[key], b[key])
-  other_seed = pipeline.TrainBatches(dataset.train, dataset, 10, seed=8, augment=True)
+  other_seed = input_lib.TrainBatches(dataset.train, dataset, 10, seed=8, augment=True)
   assert not np.array_equal(other_seed.global_indices(0), first.global_indices(0))
 
 
 @pytest.mark.parametrize('num_workers', [0, 4])
 def test_prefetching_iterator_equals_batch_at(dataset, num_workers):
-  batches = pipeline.TrainBatches(dataset.train, dataset, 10, seed=3, augment=True)
-  reference = pipeline.TrainBatches(dataset.train, dataset, 10, seed=3, augment=True)
+  batches = input_lib.TrainBatches(dataset.train, dataset, 10, seed=3, augment=True)
+  reference = input_lib.TrainBatches(dataset.train, dataset, 10, seed=3, augment=True)
   iterator = batches.iterate(start_step=5, num_workers=num_workers)
   for step in range(5, 125):  # 12 epoch boundaries, crossed by threads sharing one cache
     got, want = next(iterator), reference.batch_at(step)
@@ -192,7 +195,7 @@ def test_prefetching_iterator_equals_batch_at(dataset, num_workers):
 
 def test_epoch_visits_every_example_once():
   split = make_split(100)
-  batches = pipeline.TrainBatches(split, make_dataset(split), 10, seed=0, augment=False)
+  batches = input_lib.TrainBatches(split, make_dataset(split), 10, seed=0, augment=False)
   assert batches.steps_per_epoch == 10
   for epoch in range(2):
     visited = np.concatenate([batches.global_indices(epoch * 10 + s) for s in range(10)])
@@ -201,14 +204,14 @@ def test_epoch_visits_every_example_once():
 
 
 def test_remainder_is_dropped(dataset):
-  batches = pipeline.TrainBatches(dataset.train, dataset, 10, seed=0, augment=False)
+  batches = input_lib.TrainBatches(dataset.train, dataset, 10, seed=0, augment=False)
   assert batches.steps_per_epoch == 10
   visited = np.concatenate([batches.global_indices(s) for s in range(10)])
   assert len(np.unique(visited)) == 100
 
 
 def test_batch_contents_match_the_indices(dataset):
-  batches = pipeline.TrainBatches(dataset.train, dataset, 10, seed=1, augment=False)
+  batches = input_lib.TrainBatches(dataset.train, dataset, 10, seed=1, augment=False)
   batch = batches.batch_at(4)
   indices = batches.global_indices(4)
   np.testing.assert_allclose(batch['image'], dataset.normalize(dataset.train.images[indices]))
@@ -220,8 +223,8 @@ def test_batch_contents_match_the_indices(dataset):
 @pytest.mark.parametrize('augment', [False, True])
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_process_shards_concatenate_to_the_global_batch(dataset, augment, process_count):
-  single = pipeline.TrainBatches(dataset.train, dataset, 20, seed=3, augment=augment)
-  shards = [pipeline.TrainBatches(dataset.train, dataset, 20, seed=3, augment=augment,
+  single = input_lib.TrainBatches(dataset.train, dataset, 20, seed=3, augment=augment)
+  shards = [input_lib.TrainBatches(dataset.train, dataset, 20, seed=3, augment=augment,
                                   process_index=i, process_count=process_count)
             for i in range(process_count)]
   for step in (0, 6):
@@ -233,8 +236,8 @@ def test_process_shards_concatenate_to_the_global_batch(dataset, augment, proces
 
 
 def test_augmentation_is_deterministic_and_changes_images(dataset):
-  batches = pipeline.TrainBatches(dataset.train, dataset, 10, seed=0, augment=True)
-  plain = pipeline.TrainBatches(dataset.train, dataset, 10, seed=0, augment=False)
+  batches = input_lib.TrainBatches(dataset.train, dataset, 10, seed=0, augment=True)
+  plain = input_lib.TrainBatches(dataset.train, dataset, 10, seed=0, augment=False)
   np.testing.assert_array_equal(batches.batch_at(2)['image'], batches.batch_at(2)['image'])
   assert batches.batch_at(2)['image'].shape == plain.batch_at(2)['image'].shape
   assert not np.array_equal(batches.batch_at(2)['image'], plain.batch_at(2)['image'])
@@ -245,11 +248,11 @@ def test_random_crop_and_flip():
   images = np.arange(2 * 4 * 5 * 1, dtype=np.uint8).reshape(2, 4, 5, 1) + 1
   centred = np.full([2, 2], 2)
   np.testing.assert_array_equal(
-      pipeline.random_crop_and_flip(images, centred, np.array([False, False]), 2), images)
+      input_lib.random_crop_and_flip(images, centred, np.array([False, False]), 2), images)
   np.testing.assert_array_equal(
-      pipeline.random_crop_and_flip(images, centred, np.array([True, False]), 2)[0],
+      input_lib.random_crop_and_flip(images, centred, np.array([True, False]), 2)[0],
       images[0, :, ::-1])
-  shifted = pipeline.random_crop_and_flip(images, np.zeros([2, 2], int), np.zeros(2, bool), 2)
+  shifted = input_lib.random_crop_and_flip(images, np.zeros([2, 2], int), np.zeros(2, bool), 2)
   np.testing.assert_array_equal(shifted[:, 2:, 2:], images[:, :2, :3])
   assert np.all(shifted[:, :2] == 0) and np.all(shifted[:, :, :2] == 0)
 
@@ -265,16 +268,16 @@ def test_random_crop_and_flip_matches_pad_then_crop():
       padded[i, y:y + 7, x:x + 9][:, ::-1 if f else 1]
       for i, ((y, x), f) in enumerate(zip(offsets, flips))])
   np.testing.assert_array_equal(
-      pipeline.random_crop_and_flip(images, offsets, flips, padding), expected)
+      input_lib.random_crop_and_flip(images, offsets, flips, padding), expected)
 
 
 def test_train_batches_validate_arguments(dataset):
   with pytest.raises(ValueError, match='multiple'):
-    pipeline.TrainBatches(dataset.train, dataset, 10, 0, False, process_count=3)
+    input_lib.TrainBatches(dataset.train, dataset, 10, 0, False, process_count=3)
   with pytest.raises(ValueError, match='exceeds'):
-    pipeline.TrainBatches(dataset.train, dataset, 200, 0, False)
+    input_lib.TrainBatches(dataset.train, dataset, 200, 0, False)
   with pytest.raises(ValueError, match='process_index'):
-    pipeline.TrainBatches(dataset.train, dataset, 10, 0, False, process_index=2, process_count=2)
+    input_lib.TrainBatches(dataset.train, dataset, 10, 0, False, process_index=2, process_count=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +287,7 @@ def test_train_batches_validate_arguments(dataset):
 def test_eval_batches_pad_the_last_batch():
   split = make_split(23)
   dataset = make_dataset(split)
-  batches = list(pipeline.eval_batches(split, dataset, 10))
+  batches = list(input_lib.eval_batches(split, dataset, 10))
   assert [n for _, n in batches] == [10, 10, 3]
   assert all(b['image'].shape == (10, 8, 6, 3) for b, _ in batches)
   images = np.concatenate([b['image'][:n] for b, n in batches])
@@ -294,7 +297,7 @@ def test_eval_batches_pad_the_last_batch():
   last, _ = batches[-1]
   np.testing.assert_allclose(last['image'][3:], dataset.normalize(np.zeros((7, 8, 6, 3), np.uint8)))
   assert np.all(last['label'][3:] == 0) and np.all(last['attribute'][3:] == 0)
-  assert [n for _, n in pipeline.eval_batches(split, dataset, 23)] == [23]
+  assert [n for _, n in input_lib.eval_batches(split, dataset, 23)] == [23]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,13 +317,13 @@ def test_eval_batches_pad_the_last_batch():
 ])
 def test_bad_config_fields_raise_value_error(fields, message):
   with pytest.raises(ValueError, match=message):
-    pipeline.validate_data_config(fields)
+    config_lib.data_config(fields)
 
 
 def test_config_defaults_are_filled_in():
-  config = pipeline.default_data_config()
+  config = config_lib.base_train_config().data
   config.name = 'domainbed'
   config.domainbed_dataset = 'office_home'
   config.held_out_domain = 'Real World'
-  validated = pipeline.validate_data_config(config)
+  validated = config_lib.data_config(config)
   assert validated['val_fraction'] == 0.1 and validated['normalization'] == 'mean_pixel'

@@ -10,7 +10,8 @@ import pytest
 
 import samjax
 from samjax import diagnostics
-from samjax import step as step_lib
+from samjax.train import optim
+from samjax.train import step as step_lib
 
 
 class TinyNet(nn.Module):
@@ -146,7 +147,28 @@ def test_metrics_report_schedule_norms_and_in_step_gini():
 
 def test_unknown_optimizer_is_a_value_error():
   with pytest.raises(ValueError, match='optimizer.name'):
-    step_lib.make_optimizer(opt_config('adamw'), 10)
+    optim.make_optimizer(opt_config('adamw'), 10)
+
+
+def test_gradient_clipping_acts_on_the_applied_phantom_gradient():
+  # f(w) = c/2 ||w||^2: g = c w; SAM's phantom w + rho g/|g|; applied gradient g' = c (w + e),
+  # clipped to norm `clip`, then one SGD step. A clip before SAM would leave g' unclipped (SAM
+  # normalises the ascent direction), so the update would be -lr c (w + e).
+  c, rho, lr, clip = 3.0, 0.2, 0.1, 0.5
+  config = opt_config('sam', rho=rho, lr=lr, momentum=0.0)
+  config.weight_decay = 0.0
+  config.grad_clip_norm = clip
+  tx = optim.make_optimizer(config, 10)
+  w = {'w': jnp.array([1.0, -2.0, 0.5])}
+  grad_fn = lambda p: jax.tree.map(lambda x: c * x, p)
+  updates, _ = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+  g = c * np.array([1.0, -2.0, 0.5])
+  phantom_grad = c * (np.array([1.0, -2.0, 0.5]) + rho * g / np.linalg.norm(g))
+  assert np.linalg.norm(phantom_grad) > clip  # the clip is active
+  expected = -lr * phantom_grad * clip / np.linalg.norm(phantom_grad)
+  np.testing.assert_allclose(updates['w'], expected, rtol=1e-6)
+  parts, sam_index = optim.optimizer_parts(config, 10)
+  assert sam_index == 0 and isinstance(parts[0].init(w), samjax.SamState)
 
 
 def test_uint8_batches_normalised_in_the_step_equal_host_normalised_batches():

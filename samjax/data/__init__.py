@@ -1,28 +1,30 @@
-"""Datasets with two labelled features (TFDS), in-memory splits and step-indexed batches.
+"""Data sets with two labelled features: TFDS builders, loading into memory, the input pipeline.
 
-See :mod:`samjax.data.pipeline` for the data config fields and the per-dataset choices.
-Importing this package registers the TFDS builders ``digits_dominoes``, ``cifar_mnist``,
-``fmnist_mnist``, ``waterbirds`` and ``domainbed``.
+* :mod:`samjax.data.builders`: the TFDS builders (importing it registers them with TFDS).
+* :mod:`samjax.data.dataset`: :class:`Split`, :class:`FeatureDataset`, normalisation constants.
+* :mod:`samjax.data.load`: :func:`load_dataset`, from a data config (schema: :mod:`samjax.config`).
+* :mod:`samjax.data.input`: :class:`TrainBatches` (step-indexed) and :func:`eval_batches`.
+
+The names below are imported on first use, so that ``samjax.data.dataset`` (numpy only) does not
+pull in TensorFlow.
 """
 
-from samjax.data.pipeline import DATASET_NAMES
-from samjax.data.pipeline import default_data_config
-from samjax.data.pipeline import eval_batches
-from samjax.data.pipeline import FeatureDataset
-from samjax.data.pipeline import group_balanced_subset
-from samjax.data.pipeline import load_dataset
-from samjax.data.pipeline import Split
-from samjax.data.pipeline import TrainBatches
-from samjax.data.pipeline import validate_data_config
+import importlib
 
-__all__ = [
-    'DATASET_NAMES',
-    'FeatureDataset',
-    'Split',
-    'TrainBatches',
-    'default_data_config',
-    'eval_batches',
-    'group_balanced_subset',
-    'load_dataset',
-    'validate_data_config',
-]
+_EXPORTS = {
+    'DATASET_NAMES': 'samjax.data.load',
+    'FeatureDataset': 'samjax.data.dataset',
+    'Split': 'samjax.data.dataset',
+    'TrainBatches': 'samjax.data.input',
+    'eval_batches': 'samjax.data.input',
+    'group_balanced_subset': 'samjax.data.load',
+    'load_dataset': 'samjax.data.load',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

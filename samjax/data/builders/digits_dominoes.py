@@ -60,8 +60,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from samjax.data import composition
-from samjax.data.builder_utils import construction_rng
+from samjax.data.builders import composition
+from samjax.data.builders.common import construction_rng
 
 EASY_DIGITS = (0, 1)
 HARD_DIGITS = (3, 5)

@@ -45,8 +45,8 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from samjax.data import composition
-from samjax.data.builder_utils import construction_rng
+from samjax.data.builders import composition
+from samjax.data.builders.common import construction_rng
 
 # Share of every source class of the sources' train split that goes to ``probe_train``.
 PROBE_TRAIN_FRACTION = 0.2

@@ -29,7 +29,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from samjax.data.builder_utils import manual_dir_or_raise
+from samjax.data.builders.common import manual_dir_or_raise
 
 FOLDER_NAME = 'waterbird_complete95_forest2water2'
 TARBALL_NAME = FOLDER_NAME + '.tar.gz'

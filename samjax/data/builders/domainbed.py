@@ -16,7 +16,7 @@ Each domain is one TFDS split (``art_painting``, ..., ``real_world``: the folder
 case with underscores) with the features ``image`` (original bytes and size), ``label`` (the
 class; names sorted as DomainBed's ``ImageFolder`` sorts them), ``domain`` (the domain index in
 the order above) and ``filename`` (the path relative to the dataset folder). How the domains
-become train / test / probe splits is decided at load time (see ``samjax.data.pipeline``).
+become train / test / probe splits is decided at load time (see ``samjax.data.load``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Iterator
 from etils import epath
 import tensorflow_datasets as tfds
 
-from samjax.data.builder_utils import manual_dir_or_raise
+from samjax.data.builders.common import manual_dir_or_raise
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 

@@ -1,4 +1,4 @@
-"""The train state, the optimizer built from a config, and the one jitted train step.
+"""The train state and the one jitted train step (the optimizer: :mod:`samjax.train.optim`).
 
 The step is a pure function ``(state, batch) -> (state, metrics)`` over a global batch sharded on
 the ``'data'`` axis of a :class:`jax.sharding.Mesh`:
@@ -26,11 +26,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from samjax import SamState
 from samjax import diagnostics
-from samjax.config_validation import MICROBATCH_MODES, OPTIMIZERS, PERTURBATIONS
+from samjax.config import MICROBATCH_MODES, PERTURBATIONS
+from samjax.data.dataset import scale_and_offset
 from samjax.gradients import (accumulated_grad, device_varying, mean_over_microbatches,
                               merge_microbatches)
-from samjax.transforms import SamState, lsam, sam
+from samjax.train.optim import find_sam_state, learning_rate_schedule, optimizer_parts
 
 PyTree = Any
 DATA_AXIS = 'data'
@@ -42,62 +44,6 @@ class TrainState:
   params: PyTree
   batch_stats: PyTree
   opt_state: PyTree
-
-
-def learning_rate_schedule(opt_config, num_train_steps: int) -> optax.Schedule:
-  """``opt_config.schedule``: 'cosine' (decay to 0 over the run) or 'constant'."""
-  name = opt_config.get('schedule', 'cosine')
-  if name == 'cosine':
-    return optax.cosine_decay_schedule(opt_config.learning_rate, max(int(num_train_steps), 1))
-  if name == 'constant':
-    return optax.constant_schedule(opt_config.learning_rate)
-  raise ValueError(f"optimizer.schedule must be one of ('cosine', 'constant'), got {name!r}.")
-
-
-def optimizer_parts(opt_config, num_train_steps: int, *, axis_name: Optional[str] = None,
-                    sync_perturbation: bool = True) -> tuple[list, Optional[int]]:
-  """The transformations of :func:`make_optimizer`'s chain and the index of the SAM one (or None)."""
-  name = opt_config.name
-  if name not in OPTIMIZERS:
-    raise ValueError(f'optimizer.name must be one of {OPTIMIZERS}, got {name!r}.')
-  parts = []
-  clip = opt_config.get('grad_clip_norm', None)
-  if clip:
-    parts.append(optax.clip_by_global_norm(clip))
-  sam_index = len(parts) if name != 'sgd' else None
-  sam_kwargs = dict(axis_name=axis_name, sync_perturbation=sync_perturbation)
-  if name == 'sam':
-    parts.append(sam(opt_config.rho, **sam_kwargs))
-  elif name == 'asam':
-    parts.append(sam(opt_config.rho, adaptive=True,
-                     adaptive_eta=opt_config.get('adaptive_eta', 0.01), **sam_kwargs))
-  elif name == 'lsam':
-    parts.append(lsam(opt_config.rho, head=opt_config.get('head', 'head'), **sam_kwargs))
-  if opt_config.get('weight_decay', 0.0):
-    parts.append(optax.add_decayed_weights(opt_config.weight_decay))
-  momentum = opt_config.get('momentum', 0.0) or None
-  parts.append(optax.sgd(learning_rate_schedule(opt_config, num_train_steps), momentum=momentum,
-                         nesterov=bool(opt_config.get('nesterov', False))))
-  return parts, sam_index
-
-
-def make_optimizer(opt_config, num_train_steps: int, *, axis_name: Optional[str] = None,
-                   sync_perturbation: bool = True) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain([clip], [sam | lsam | asam], [weight decay], sgd(schedule, momentum))``.
-
-  The SAM transform comes first so that it sees the raw gradient and every later transformation
-  sees the phantom gradient; weight decay is added at ``theta``.
-  """
-  parts, _ = optimizer_parts(opt_config, num_train_steps, axis_name=axis_name,
-                             sync_perturbation=sync_perturbation)
-  return optax.chain(*parts)
-
-
-def find_sam_state(opt_state: PyTree) -> Optional[SamState]:
-  """The :class:`SamState` inside a chain's state, or None for plain SGD."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SamState))
-           if isinstance(s, SamState)]
-  return found[0] if found else None
 
 
 def create_train_state(model, tx, rng: jax.Array, sample_input: np.ndarray) -> TrainState:
@@ -140,7 +86,7 @@ def _per_microbatch_sam_update(state: TrainState, params, batch, *, grad_and_aux
 
   def one(micro_batch):
     (loss, (logits, new_stats)), g = grad_and_aux(params, state.batch_stats, micro_batch)
-    for j in range(sam_index):  # e.g. clipping: stateless, applied to each ascent gradient
+    for j in range(sam_index):  # transformations before SAM (none in make_optimizer's chain)
       g, _ = parts[j].update(g, opt_states[j], state.params)
     phantom_logits = []
 
@@ -237,15 +183,6 @@ def _local_step(state: TrainState, batch, *, loss_fn, tx, parts, sam_index, sche
   return new_state, metrics
 
 
-def _scale_and_offset(normalization):
-  """``(1 / std, mean / std)`` as float32, the arithmetic of ``FeatureDataset.normalize``."""
-  if normalization is None:
-    return None
-  mean, std = (np.asarray(v, np.float32) for v in normalization)
-  scale = (1.0 / std).astype(np.float32)
-  return scale, (mean * scale).astype(np.float32)
-
-
 def make_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -301,7 +238,8 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
       schedule=learning_rate_schedule(opt_config, num_train_steps),
       uses_sam=opt_config.name != 'sgd', log_diagnostics=log_diagnostics, axis_name=axis_name,
       microbatches=microbatches, microbatch_mode=microbatch_mode,
-      image_normalization=_scale_and_offset(image_normalization))
+      image_normalization=(None if image_normalization is None
+                           else scale_and_offset(*image_normalization)))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
   if per_device:

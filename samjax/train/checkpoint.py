@@ -1,0 +1,153 @@
+"""Checkpoints: an orbax ``CheckpointManager`` in ``<workdir>/checkpoints`` and a restore that
+falls back to the previous checkpoint when the newest cannot be read or does not verify.
+
+Every checkpoint records the SHA-256 of its array data (``<step>/samjax_checksum.json``,
+written after orbax finished the step); a restore recomputes it from the restored arrays and
+treats a mismatch, or a missing record, like an unreadable checkpoint: quarantined, with a
+warning naming it, and the previous checkpoint used. Silent byte flips therefore never reach
+training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from samjax.io_utils import atomic_write_json
+from samjax.train import workdir as workdir_lib
+from samjax.train.evaluate import to_host
+
+QUARANTINE = 'checkpoints_unreadable'
+CHECKSUM_FILE = 'samjax_checksum.json'
+
+
+def checksum(state) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes, in tree order."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    array = np.ascontiguousarray(to_host(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+class ChecksumMismatch(ValueError):
+  """A restored checkpoint's arrays differ from the ones saved."""
+
+
+def _verify(directory: epath.Path, step: int, state) -> None:
+  record = epath.Path(directory) / str(step) / CHECKSUM_FILE
+  if not record.exists():
+    raise ChecksumMismatch(f'no {CHECKSUM_FILE} (saving was interrupted before it was recorded)')
+  expected = json.loads(record.read_text())['sha256']
+  if checksum(state) != expected:
+    raise ChecksumMismatch('array data do not match the checksum recorded at save')
+
+
+def manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(epath.Path(workdir) / workdir_lib.CHECKPOINTS, options=options)
+
+
+def _quarantine(directory: epath.Path, steps: list[int]) -> None:
+  """Moves unreadable checkpoints aside (never deletes them) so that the run can save again."""
+  target_root = directory.parent / QUARANTINE
+  target_root.mkdir(parents=True, exist_ok=True)
+  for step in steps:
+    target = target_root / f'{step}.{int(time.time())}'
+    (directory / str(step)).rename(target)
+    logging.warning('moved the unreadable checkpoint of step %d to %s', step, target)
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state) -> tuple[Optional[Any], int]:
+  """Restores the newest readable checkpoint, falling back to older ones with a warning.
+
+  An unreadable checkpoint is moved aside to ``checkpoints_unreadable/`` (never deleted).
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  unreadable = []
+  restored, restored_step = None, 0
+  for step in steps:
+    try:
+      restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      _verify(epath.Path(mgr.directory), step, restored)
+      restored_step = step
+      break
+    except Exception as e:  # pylint: disable=broad-except  # truncated or corrupt: try older
+      restored = None
+      logging.warning('checkpoint at step %d is unreadable (corrupt, or saved for another '
+                      'device layout: %s: %s); trying an older one',
+                      step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+      unreadable.append(step)
+  if unreadable:
+    if jax.process_index() == 0:
+      _quarantine(epath.Path(mgr.directory), unreadable)
+    multihost_utils.sync_global_devices('samjax_checkpoints_quarantined')
+    mgr.reload()
+  if restored is None and steps:
+    raise ValueError(f'no readable checkpoint in {mgr.directory}: all of steps {steps} are '
+                     f'corrupt (moved to {QUARANTINE}/). Rerun to start afresh.')
+  if unreadable and restored is not None:
+    logging.warning('resumed from step %d, not the newest checkpoint', restored_step)
+  return restored, restored_step
+
+
+def restore_step(mgr: ocp.CheckpointManager, abstract_state, step: int):
+  if step not in mgr.all_steps():
+    raise ValueError(f'{mgr.directory}: no checkpoint at step {step}; saved steps: '
+                     f'{sorted(mgr.all_steps())}.')
+  state = mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  _verify(epath.Path(mgr.directory), step, state)
+  return state
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state) -> None:
+  """Saves ``state`` at ``step`` and records its checksum (process 0)."""
+  digest = checksum(state)
+  mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+  mgr.wait_until_finished()
+  if jax.process_index() == 0:
+    atomic_write_json(epath.Path(mgr.directory) / str(step) / CHECKSUM_FILE, {'sha256': digest})
+  multihost_utils.sync_global_devices('samjax_checkpoint_checksum')
+
+
+def _finite(tree) -> bool:
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def newest_finite_step(mgr: ocp.CheckpointManager, abstract_state,
+                       steps: Sequence[int]) -> Optional[int]:
+  """The newest of ``steps`` whose parameters and statistics are all finite (None if none)."""
+  for step in sorted(steps, reverse=True):
+    try:
+      state = mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception:  # pylint: disable=broad-except  # unreadable: try an older one
+      continue
+    if _finite((state.params, state.batch_stats)):
+      return step
+  return None
+
+
+def is_checkpoint(path: epath.Path) -> bool:
+  """A samjax checkpoint folder (``<workdir>/checkpoints/<step>``)."""
+  return path.is_dir() and (path / 'default').exists()
+
+
+def restore_variables(path: epath.Path, abstract_state) -> dict:
+  """``{'params', 'batch_stats'}`` of the samjax checkpoint at ``path`` (its optimizer state is
+  not used: a run initialised from it starts its own)."""
+  path = epath.Path(path)
+  state = ocp.StandardCheckpointer().restore(path / 'default', abstract_state)
+  _verify(path.parent, int(path.name), state)
+  return {'params': state.params, 'batch_stats': state.batch_stats}
