@@ -261,3 +261,18 @@ def test_one_run_per_workdir_and_a_killed_runs_lock_is_taken_over(tmp_path, data
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released at the end
   steps = [m['step'] for m in read(workdir, 'metrics.jsonl')]
   assert steps == list(range(2, newest + 5, 2))  # each step once, in order
+
+
+def test_a_run_is_quiet_ends_with_a_summary_and_writes_0644_files(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  proc = start(tiny_args(workdir, data_dir, steps=8), preexec_fn=lambda: os.umask(0o022))
+  code, out, err = finish(proc)
+  assert code == 0, err
+  assert err == ''  # no absl / orbax / TFDS INFO lines (progress bar off here)
+  assert out.startswith('samjax: done') and f'outputs in {workdir}' in out
+  assert 'final step 8: loss' in out and 'easy probe error' in out
+  for name in ('config.json', 'metrics.jsonl', 'probe.json'):
+    assert os.stat(os.path.join(workdir, name)).st_mode & 0o777 == 0o644, name
+  proc = start(tiny_args(str(tmp_path / 'verbose'), data_dir, steps=8) + ['--verbosity=0'])
+  code, _, err = finish(proc)
+  assert code == 0 and sum(line.startswith('I') for line in err.splitlines()) > 50
