@@ -96,3 +96,41 @@ def test_gs_workdir_and_data_dir_with_sigterm_and_resume_equal_a_local_run(tmp_p
   names = emulator.list('run/')
   assert any(n.startswith('run/tensorboard/') for n in names)
   assert any(n.startswith('run/checkpoints/24/') for n in names)
+
+
+LOCK_ON_GCS = '''
+from etils import epath
+from samjax.train import workdir as w
+first, second = w.WorkdirLock(epath.Path("gs://bucket/locked")), w.WorkdirLock(epath.Path("gs://bucket/locked"))
+first.acquire()
+for attempt in (second.check, second.acquire):
+  try:
+    attempt()
+    raise SystemExit("a second run took a held lock")
+  except ValueError as e:
+    assert "in use by another run" in str(e), e
+first.release()
+second.acquire()
+second.release()
+print("LOCK OK")
+'''
+
+
+def test_the_workdir_lock_on_gcs(emulator):
+  proc = subprocess.run([sys.executable, '-c', LOCK_ON_GCS], cwd=ROOT, env=env_with(emulator.env),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and 'LOCK OK' in proc.stdout, proc.stderr[-3000:]
+  assert not [n for n in emulator.list('locked/lock/') if n.endswith(('.json', '.alive'))]
+
+
+def test_the_toy_study_writes_to_a_gs_workdir(emulator):
+  proc = start(['--config=configs/toy.py', '--workdir=gs://bucket/toy', '--config.seeds=(0,)',
+                "--config.methods=('sgd','lsam')", '--config.rhos=(1.0,)',
+                '--config.complexities=(360.0,)', '--config.num_steps=200',
+                '--config.eval_every=100'], env_with(emulator.env))
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  names = emulator.list('toy/')
+  assert 'toy/results.json' in names and 'toy/report.md' in names
+  assert any(n.endswith('.png') for n in names)
+  assert json.loads(emulator.read('toy/results.json'))['runs']

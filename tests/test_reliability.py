@@ -237,12 +237,18 @@ def test_a_full_disk_is_one_line_and_exit_74(tmp_path, data_dir):
     subprocess.run(['umount', str(small)], check=True)
 
 
+def the_claim(workdir):
+  claims = [n for n in os.listdir(os.path.join(workdir, 'lock')) if n.endswith('.json')]
+  assert len(claims) == 1, claims
+  return read(workdir, os.path.join('lock', claims[0]))
+
+
 def test_one_run_per_workdir_and_a_killed_runs_lock_is_taken_over(tmp_path, data_dir):
   workdir = str(tmp_path / 'run')
   first = start(tiny_args(workdir, data_dir, steps=5000))  # alive while the second one starts
   try:
     assert wait_for_checkpoint(workdir, first), 'the first run saved no checkpoint'
-    lock = read(workdir, 'lock.json')
+    lock = the_claim(workdir)
     assert lock['pid'] == first.pid and lock['host'] == socket.gethostname()
     code, _, err = finish(start(tiny_args(workdir, data_dir, steps=5000)))
     assert code == 2, err
@@ -252,13 +258,13 @@ def test_one_run_per_workdir_and_a_killed_runs_lock_is_taken_over(tmp_path, data
   finally:
     first.kill()
     first.communicate()
-  assert read(workdir, 'lock.json')['pid'] == first.pid  # left behind by the killed run
+  assert the_claim(workdir)['pid'] == first.pid  # left behind by the killed run
   newest = max(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
   # Taken over at once (same host, the holder's process is gone); a shorter length than the
   # killed run's, still past its newest checkpoint, so that the test stays short.
   code, _, err = finish(start(tiny_args(workdir, data_dir, steps=newest + 4)))
   assert code == 0, err
-  assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released at the end
+  assert not os.listdir(os.path.join(workdir, 'lock'))  # released at the end
   steps = [m['step'] for m in read(workdir, 'metrics.jsonl')]
   assert steps == list(range(2, newest + 5, 2))  # each step once, in order
 

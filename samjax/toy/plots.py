@@ -8,7 +8,6 @@ Figures 1-6 use the clean data at the first batch size of the sweep.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import matplotlib
@@ -18,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.colors  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 from samjax import diagnostics  # noqa: E402
 from samjax.io_utils import atomic_save_figure  # noqa: E402
@@ -179,10 +179,10 @@ def figure_runs(config, outputs, records):
 def _save(fig, workdir: str, name: str) -> str:
   """Writes a figure laid out by ``tight_layout`` (not ``bbox_inches='tight'``, which
   lays every figure out a second time: a third of the figures' cost)."""
-  path = os.path.join(workdir, name)
+  path = epath.Path(workdir) / name  # a local path or a URL (gs://)
   atomic_save_figure(fig, path, dpi=110)
   plt.close(fig)
-  return path
+  return str(path)
 
 
 def _complexity_colors(complexities):

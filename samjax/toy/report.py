@@ -17,7 +17,9 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
+from samjax.io_utils import atomic_write_text
 from samjax.toy import metrics as toy_metrics
 from samjax.toy import plots
 
@@ -751,7 +753,7 @@ def write_report(config, outputs, records, figures: Sequence[str], workdir: str,
     lines.append(f'| {c.claim} | {c.evidence} | **{c.verdict}** |')
   lines += ['', '## Figures', '']
   for path in figures:
-    name = os.path.basename(path)
+    name = epath.Path(path).name
     lines += [f'### {name}', '', f'![{name}]({name})', '']
   lines += sensitivity_section(config, records)
   for title, table in (('Probe errors (clean data)', _probe_table(config, records)),
@@ -759,7 +761,6 @@ def write_report(config, outputs, records, figures: Sequence[str], workdir: str,
                        ('Interventions: hard-probe error', _intervention_table(config, records))):
     if table:
       lines += [f'## {title}', ''] + table + ['']
-  path = os.path.join(workdir, 'report.md')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  return path
+  path = epath.Path(workdir) / 'report.md'
+  atomic_write_text(path, '\n'.join(lines) + '\n')
+  return str(path)

@@ -34,9 +34,11 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from samjax import diagnostics
+from samjax.io_utils import atomic_write_text
 from samjax.toy import data as toy_data
 from samjax.toy import metrics as toy_metrics
 from samjax.toy import train as toy_train
@@ -554,15 +556,15 @@ def run(config, workdir: str) -> dict:
   validate(config)
   from samjax.toy import plots, report  # matplotlib only once the config is valid
 
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a URL (gs://)
   start = time.perf_counter()
   enable_compilation_cache(str(config.compilation_cache_dir))
   outputs = run_sweep(config)
   train_time = time.perf_counter() - start
   records = summarize(config, outputs)
-  results_path = os.path.join(workdir, 'results.json')
-  with open(results_path, 'w') as f:
-    json.dump({'config': _json_config(config), 'runs': records}, f, indent=1, allow_nan=False)
+  results_path = str(epath.Path(workdir) / 'results.json')
+  atomic_write_text(results_path, json.dumps({'config': _json_config(config), 'runs': records},
+                                             indent=1, allow_nan=False))
   figures = plots.make_figures(config, outputs, records, workdir)
   wall_time = time.perf_counter() - start
   report_path = report.write_report(config, outputs, records, figures, workdir,

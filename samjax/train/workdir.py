@@ -8,7 +8,7 @@ Layout (a local path or a URL such as ``gs://bucket/run``; every access goes thr
   tensorboard/      TensorBoard event files (clu metric writers)
   checkpoints/      orbax CheckpointManager (periodic, keep N, automatic resume)
   probe.json        test_error, worst_group_error, easy/hard probe errors, per-group numbers
-  lock.json         the live run's host, pid, start and heartbeat (removed when it ends)
+  lock/             the live run's claim: host, pid, start; its heartbeat (removed when it ends)
 
 Rules of a rerun on an existing workdir (checked before anything is written):
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -203,74 +204,118 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
     del hparams
 
 
-LOCK_FILE = 'lock.json'
-# A live run rewrites its lock every HEARTBEAT_SECONDS; a lock not rewritten for STALE_SECONDS
-# belongs to a dead run (killed, or its host lost) and is taken over. On the lock's own host a
-# run whose process no longer exists is seen dead at once.
+LOCK_DIR = 'lock'
+# A live run touches its claim's heartbeat every HEARTBEAT_SECONDS; a claim from another host
+# whose heartbeat is older than STALE_SECONDS belongs to a dead run (killed, or its host lost) and
+# is taken over. On the claim's own host a run whose process no longer exists is seen dead at once.
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0
+_ATTEMPTS = 4
 
 
 class WorkdirLock:
-  """One run per workdir: ``<workdir>/lock.json`` names the holder (host, pid, since).
+  """One run per workdir: a claim protocol over plain files in ``<workdir>/lock/``.
 
-  Object stores such as gs:// have no file locks, so the lock is a file with a heartbeat: a
-  daemon thread rewrites it while the run lives, and a lock is stale when its heartbeat is
-  older than :data:`STALE_SECONDS` or its process is gone from this host. Two runs starting
-  within the same second may both see no lock; each then re-reads the lock after writing it
-  and only the one whose token is there proceeds.
+  Object stores such as gs:// have no file locks and epath exposes no exclusive create, so:
+
+  1. a run writes its claim ``lock/<token>.json`` (host, pid, since);
+  2. it lists the claims that are not stale. If its own is the only one, it holds the lock;
+     otherwise it deletes its claim, waits a random moment and tries again (a few times), then
+     stops naming the oldest other claim.
+
+  At most one run holds the lock, given writes and listings with read-after-write consistency
+  (local disks and GCS give them): a run that saw no other claim listed after writing its own,
+  so every claim written later sees it. Runs that start together may all back off once; the
+  random waits let one of them win a retry. The holder touches ``lock/<token>.alive`` every
+  :data:`HEARTBEAT_SECONDS` and deletes both files when it ends.
   """
 
   def __init__(self, workdir: epath.Path, heartbeat: float = HEARTBEAT_SECONDS,
                stale: float = STALE_SECONDS):
-    self._path = epath.Path(workdir) / LOCK_FILE
+    self._folder = epath.Path(workdir) / LOCK_DIR
     self._heartbeat, self._stale = heartbeat, stale
-    self._token = uuid.uuid4().hex
+    self._host = socket.gethostname()
+    self._claim = {'token': uuid.uuid4().hex, 'host': self._host, 'pid': os.getpid(),
+                   'since': time.time()}
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
-    self._since = time.time()
 
-  def _record(self) -> dict:
-    return {'host': socket.gethostname(), 'pid': os.getpid(), 'since': self._since,
-            'heartbeat': time.time(), 'token': self._token}
+  @property
+  def token(self) -> str:
+    return self._claim['token']
 
-  def holder(self) -> Optional[dict]:
-    """The live holder's record, or None if the workdir is free (no lock, or a stale one)."""
-    if not self._path.exists():
-      return None
-    try:
-      record = json.loads(self._path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError):
-      return None  # torn or just removed: free
-    if time.time() - float(record.get('heartbeat', 0)) > self._stale:
-      return None
-    if record.get('host') == socket.gethostname() and not _process_alive(record.get('pid')):
-      return None
-    return record
+  def _file(self, token: str, suffix: str) -> epath.Path:
+    return self._folder / f'{token}.{suffix}'
+
+  def _remove(self, token: str) -> None:
+    for suffix in ('json', 'alive'):
+      try:
+        self._file(token, suffix).unlink(missing_ok=True)
+      except OSError:
+        pass
+
+  def _is_stale(self, path: epath.Path, claim: dict) -> bool:
+    if claim.get('host') == self._host:
+      return not _process_alive(claim.get('pid'))
+    last = max(_mtime(path), _mtime(self._file(claim['token'], 'alive')))
+    return time.time() - last > self._stale
+
+  def others(self, *, remove_stale: bool) -> list[dict]:
+    """The live claims of other runs (stale ones deleted when ``remove_stale``)."""
+    if not self._folder.exists():
+      return []
+    live = []
+    for path in self._folder.glob('*.json'):
+      try:
+        claim = json.loads(path.read_text())
+        token = claim['token']
+      except (OSError, ValueError, KeyError, TypeError):
+        continue  # removed meanwhile, or not a claim
+      if token == self.token:
+        continue
+      if self._is_stale(path, claim):
+        if remove_stale:
+          self._remove(token)
+      else:
+        live.append(claim)
+    return live
+
+  def _refuse(self, others: list[dict]) -> None:
+    holder = min(others, key=lambda c: float(c.get('since', 0)))
+    since = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(float(holder.get('since', 0))))
+    raise ValueError(
+        f'workdir {self._folder.parent} is in use by another run (host {holder.get("host")}, '
+        f'pid {holder.get("pid")}, since {since}); stop it, or use a new --workdir. A lock whose '
+        f'run is gone is taken over (same host: at once; another host: after {self._stale:.0f} '
+        's without a heartbeat).')
 
   def check(self) -> None:
     """ValueError naming the holder if another live run holds the workdir (reads only)."""
-    record = self.holder()
-    if record is not None and record.get('token') != self._token:
-      since = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(float(record['since'])))
-      raise ValueError(
-          f'workdir {self._path.parent} is in use by another run (host {record["host"]}, pid '
-          f'{record["pid"]}, since {since}); stop it, or use a new --workdir. A lock whose '
-          f'run died is taken over after {self._stale:.0f} s without heartbeat.')
+    others = self.others(remove_stale=False)
+    if others:
+      self._refuse(others)
 
   def acquire(self) -> None:
-    self.check()
-    atomic_write_json(self._path, self._record())
-    time.sleep(0.2)  # let a simultaneous starter's write land, then see who won
-    self.check()
-    self._thread = threading.Thread(target=self._beat, name='samjax-lock', daemon=True)
-    self._thread.start()
+    """Takes the lock, or raises ValueError naming the run that holds it."""
+    self._folder.mkdir(parents=True, exist_ok=True)
+    others = []
+    for attempt in range(_ATTEMPTS):
+      if attempt:
+        time.sleep(random.uniform(0.05, 0.5) * attempt)
+      self._file(self.token, 'json').write_text(json.dumps(self._claim))
+      others = self.others(remove_stale=True)
+      if not others:
+        self._thread = threading.Thread(target=self._beat, name='samjax-lock', daemon=True)
+        self._thread.start()
+        return
+      self._remove(self.token)
+    self._refuse(others)
 
   def _beat(self) -> None:
     while not self._stop.wait(self._heartbeat):
       try:
-        atomic_write_json(self._path, self._record())
-      except Exception:  # pylint: disable=broad-except  # a missed beat: the next one retries
+        self._file(self.token, 'alive').write_text(str(time.time()))
+      except OSError:  # a missed beat only brings a takeover from another host nearer
         pass
 
   def release(self) -> None:
@@ -278,12 +323,14 @@ class WorkdirLock:
     if self._thread is not None:
       self._thread.join()
       self._thread = None
-      try:
-        record = json.loads(self._path.read_text())
-        if record.get('token') == self._token:
-          self._path.unlink()
-      except (FileNotFoundError, json.JSONDecodeError):
-        pass
+      self._remove(self.token)
+
+
+def _mtime(path: epath.Path) -> float:
+  try:
+    return path.stat().mtime
+  except OSError:
+    return 0.0
 
 
 def _process_alive(pid) -> bool:
