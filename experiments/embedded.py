@@ -179,9 +179,33 @@ def report(summary: dict, figure_name: str, wall_s: Optional[float] = None) -> s
                else 'no difference resolved')
     lines.append(f"| {r['method']} | {r['metric']} | {r['mean']:+.4f} | "
                  f"[{low:+.4f}, {high:+.4f}] | {verdict} |")
+  points = summary.get('points', [])
+  if points:
+    lines += ['', '## Every setting (descriptive: selection never sees the probes)', '',
+              'Mean hard-probe error over seeds, and in brackets its mean paired difference to '
+              "SGD's selected setting.", '',
+              '| method | lr | ' + ' | '.join(f'rho {r:g}' for r in RHOS) + ' |',
+              '|---|---|' + '---|' * len(RHOS)]
+    sgd = summary['selected'].get('sgd')
+    base = ({p['seed']: p['hard_probe_error'] for p in points if p['method'] == 'sgd'
+             and p['learning_rate'] == sgd['learning_rate']} if sgd else {})
+    for method in METHODS:
+      for lr in sorted({p['learning_rate'] for p in points if p['method'] == method}):
+        cells = []
+        for rho in ((0.0,) if method == 'sgd' else RHOS):
+          mine = [p for p in points if (p['method'], p['learning_rate'], p['rho']) ==
+                  (method, lr, rho)]
+          if not mine:
+            cells.append('')
+            continue
+          hard = np.mean([p['hard_probe_error'] for p in mine])
+          diff = np.mean([p['hard_probe_error'] - base[p['seed']] for p in mine
+                          if p['seed'] in base]) if base else float('nan')
+          cells.append(f'{hard:.3f} ({diff:+.3f})')
+        lines.append(f'| {method} | {lr:g} | ' + ' | '.join(cells) + ' |')
   lines += ['', f'![paired differences]({figure_name})']
   if wall_s is not None:
-    lines += ['', f'Wall time of this run: {wall_s:.0f} s.']
+    lines += ['', f'Training and evaluation time, summed over the slices: {wall_s:.0f} s.']
   return '\n'.join(lines) + '\n'
 
 

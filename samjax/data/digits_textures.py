@@ -7,22 +7,35 @@ downloaded. Every example is a 32x16x1 "domino":
   real 8x8 digits (``sklearn.datasets.load_digits``), resized to 16x16 as in
   :mod:`samjax.data.digits_dominoes`;
 * bottom half (``texture``, the *hard* feature): a 16x16 grey patch of a real photograph. Class 0
-  is cut from the photographs in ``TEXTURE_CLASSES[0]``, class 1 from those in
-  ``TEXTURE_CLASSES[1]`` (scikit-image's bundled photographs and scikit-learn's two sample
-  images). Every patch is standardised to zero mean and unit variance before it is quantised
-  (``128 + 48 z``, clipped), so that brightness and contrast do not reveal the photograph: only
-  texture does.
+  is cut from the photographs in ``TEXTURE_CLASSES[0]`` (grass, gravel), class 1 from those in
+  ``TEXTURE_CLASSES[1]`` (brick, moon), all bundled with scikit-image. Every patch has its mean
+  removed (``128 + x - mean(x)``), so that brightness does not reveal the photograph: texture
+  and contrast do.
 
-Disjoint regions: every photograph is cut into horizontal strips, one per split, in the
-proportions of :data:`POOL_FRACTIONS`; a split's patches lie entirely inside its own strip, so
-no pixel of a photograph appears in two splits. Within a strip patches are taken on a grid of
-stride :data:`PATCH_STRIDE` (overlapping, all distinct) and drawn without replacement, so every
-hard half of a split is a different patch: thousands of distinct patches per split (the
+Disjoint regions: every photograph is cut into 64x64 tiles, and the tiles are dealt to the five
+splits in the proportions of :data:`POOL_FRACTIONS` (random order, fixed seed). A split's patches
+lie entirely inside its own tiles, so no pixel appears in two splits, while every split samples
+the whole photograph (cutting the photographs into one strip per split instead made the probe
+splits differ in lighting, and a probe fit on one strip failed on the next). Within a tile,
+patches lie on a grid of stride :data:`PATCH_STRIDE` (overlapping, all distinct) and are drawn
+without replacement: every hard half of a split is a different patch, thousands per split (the
 digits-dominoes benchmark had 146 distinct hard images in training).
 
 In ``train``, ``validation`` and ``test`` the two features are perfectly correlated (digit 0 with
 texture class 0); in ``probe_train`` and ``probe_test`` all four combinations are equally
-frequent. The construction is a pure function of :data:`CONSTRUCTION_SEED`
+frequent.
+
+==============  ==============================  ========
+split           distribution                    examples
+==============  ==============================  ========
+``train``       correlated                      2,000
+``validation``  correlated                      500
+``test``        correlated                      1,000
+``probe_train`` group-balanced (4 x 250)        1,000
+``probe_test``  group-balanced (4 x 500)        2,000
+==============  ==============================  ========
+
+The construction is a pure function of :data:`CONSTRUCTION_SEED`
 (:func:`make_splits`); the builder writes exactly those arrays.
 """
 
@@ -38,17 +51,17 @@ from samjax.data import digits_dominoes
 from samjax.data.builder_utils import construction_rng
 
 EASY_DIGITS = (0, 1)
-# Two texture classes, each a group of photographs (converted to grey). Grouping several
-# photographs per class makes the class a texture family rather than one photograph's spectrum;
-# the choice was measured (README, "What reproduces"): SGD leaves room on this feature.
-TEXTURE_CLASSES = (('grass',), ('gravel',))
+# Two texture classes, each a family of two photographs (converted to grey): granular ground
+# (grass, gravel) against masonry and craters (brick, moon). Measured with the width-8 conv net
+# (tests/README): a net trained on this label alone (group-balanced data) reaches 0.014 test
+# error, a linear probe on random-init features 0.30 and on SGD's features 0.29 (one seed): the
+# feature is learnable, and SGD leaves room on it.
+TEXTURE_CLASSES = (('grass', 'gravel'), ('brick', 'moon'))
 CELL_SIZE = 16
 IMAGE_SHAPE = (2 * CELL_SIZE, CELL_SIZE, 1)
 PATCH_STRIDE = 4
 # Photographs are cut into square tiles of this side, each tile belonging to one split.
 BLOCK_SIZE = 64
-# Quantisation of a standardised patch z: 128 + PATCH_SCALE * z, clipped to 0..255.
-PATCH_SCALE = 1.0
 
 SPLITS = ('train', 'validation', 'test', 'probe_train', 'probe_test')
 POOL_FRACTIONS = (0.4, 0.1, 0.1, 0.2, 0.2)
@@ -100,7 +113,7 @@ def block_patches(image: np.ndarray, tiles: np.ndarray, split: int, size: int = 
 def quantise_patches(patches: np.ndarray) -> np.ndarray:
   """Per-patch mean removed (brightness hides the photograph), contrast kept: ``128 + (x - mean)``."""
   centred = patches - patches.mean(axis=(1, 2), keepdims=True)
-  return np.clip(np.round(128.0 + PATCH_SCALE * centred), 0, 255).astype(np.uint8)
+  return np.clip(np.round(128.0 + centred), 0, 255).astype(np.uint8)
 
 
 def texture_pools() -> list[dict[int, np.ndarray]]:
