@@ -1,4 +1,4 @@
-"""A grid of learning rates x rho x seeds of one small model, trained as ONE vmapped, jitted program.
+"""A grid of learning rates x rho x seeds of one small model, trained as one vmapped program.
 
 Issue 16, item 3. A grid point is ``(learning_rate, rho, seed)``; one method (``sgd``, ``sam`` or
 ``lsam``) is one program. Every point trains the same model on the same in-memory training set
@@ -11,8 +11,10 @@ the SAM transform first in the chain) and is a pure function of its three number
 * ``learning_rate`` and ``rho`` enter as traced arrays (``optax.cosine_decay_schedule`` of a
   traced peak, ``samjax.sam`` of a traced radius), so the grid is a ``jax.vmap`` over them.
 
-:func:`train_grid` runs the points vmapped; :func:`train_point` runs one alone (its own jit, no
-vmap). ``tests/test_grid_train.py`` checks that the two agree to float tolerance, and
+:func:`train_grid` runs the points vmapped: one jitted program initialises every point, one
+jitted program takes one step of every point, and the host calls it ``num_steps`` times (see
+:class:`Trainer` for why the loop is not a ``lax.scan``). :func:`train_point` runs one point
+alone (its own jit, no vmap). ``tests/test_grid_train.py`` checks that the two agree to float tolerance, and
 :func:`measure_grid_throughput` times them side by side.
 """
 

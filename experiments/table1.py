@@ -42,7 +42,8 @@ flags.DEFINE_string('data_dir', '', 'TFDS data_dir for every run.')
 flags.DEFINE_string('manual_dir', '', 'Manual download folder (Waterbirds).')
 flags.DEFINE_string('init_checkpoint', '', 'torchvision ResNet-18 weights for the ResNet runs.')
 flags.DEFINE_bool('embedded', False, 'Run the embedded digits_textures study instead.')
-flags.DEFINE_bool('vmap', False, 'Embedded study: train each method\'s grid as one vmapped program.')
+flags.DEFINE_bool('vmap', False,
+                  'Embedded study: train each method\'s grid as one vmapped program.')
 flags.DEFINE_string('shard', '0/1', 'i/n: run only the i-th of n interleaved slices of the grid.')
 flags.DEFINE_bool('merge', False, 'Train nothing: merge the finished slices into the tables.')
 

@@ -111,7 +111,7 @@ def block_patches(image: np.ndarray, tiles: np.ndarray, split: int, size: int = 
 
 
 def quantise_patches(patches: np.ndarray) -> np.ndarray:
-  """Per-patch mean removed (brightness hides the photograph), contrast kept: ``128 + (x - mean)``."""
+  """Per-patch mean removed (brightness hides the photograph), contrast kept: ``128 + x - mean``."""
   centred = patches - patches.mean(axis=(1, 2), keepdims=True)
   return np.clip(np.round(128.0 + centred), 0, 255).astype(np.uint8)
 
