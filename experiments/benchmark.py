@@ -20,7 +20,7 @@ pipeline has its own section).
 
 Sections (each a key of the JSON written to ``--out``):
 
-* ``steps``: the project's own jitted train step (:func:`samjax.step.make_train_step`) with SGD,
+* ``steps``: the project's own jitted train step (:func:`samjax.train.step.make_train_step`) with SGD,
   samjax SAM, ``optax.contrib.sam`` (opaque mode, passed as ``tx=``), LSAM, ASAM, and SAM with
   in-step diagnostics (``log_diagnostics=True``), per model; plus structural facts of every
   compiled step (convolution and dot counts in the optimised HLO, XLA's flop estimate), which

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import os
+import sys
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -77,20 +78,75 @@ def run_config(run: Run, overrides: dict):
   return config
 
 
-def run_grid(runs: Iterable[Run], root: str, overrides: Optional[dict] = None) -> list[dict]:
-  """Runs every run not finished yet; returns one record per run (its probe.json plus keys)."""
-  from samjax import train  # pylint: disable=g-import-not-at-top
-  records = []
+def parse_shard(text: str) -> tuple[int, int]:
+  """``'i/n'`` -> ``(i, n)`` with ``0 <= i < n``; ValueError naming the flag otherwise."""
+  parts = str(text).split('/')
+  if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+    index, count = int(parts[0]), int(parts[1])
+    if 0 <= index < count:
+      return index, count
+  raise ValueError(f'--shard={text}: expected i/n with integers 0 <= i < n (e.g. --shard=0/4).')
+
+
+def shard_slice(items: Sequence, index: int, count: int) -> list:
+  """The ``index``-th of ``count`` interleaved slices (``items[index::count]``).
+
+  Interleaving spreads every method and setting over the slices, so slices take similar times.
+  """
+  return list(items)[index::count]
+
+
+def usage_error(message: str) -> None:
+  """Bad command-line input: one line on stderr, exit status 2, nothing written."""
+  print(message, file=sys.stderr)
+  raise SystemExit(2)
+
+
+def finished_records(runs: Iterable[Run], root: str) -> tuple[list[dict], int]:
+  """``(records of the finished runs, number of unfinished runs)`` read from their workdirs."""
+  records, missing = [], 0
   for run in runs:
-    workdir = run.workdir(root)
-    probe_path = os.path.join(workdir, 'probe.json')
+    probe_path = os.path.join(run.workdir(root), 'probe.json')
     if not os.path.exists(probe_path):
-      result = train.train_and_evaluate(run_config(run, overrides or {}), workdir)
-      if 'preempted_at_step' in result:
-        raise SystemExit(f'preempted in {workdir}; rerun the same command to resume the grid')
+      missing += 1
+      continue
     with open(probe_path) as f:
       result = json.load(f)
     records.append({**dataclasses.asdict(run), 'method': run.method, **result})
+  return records, missing
+
+
+def run_grid(runs: Iterable[Run], root: str, overrides: Optional[dict] = None) -> list[dict]:
+  """Runs every run not finished yet; returns one record per run (its probe.json plus keys)."""
+  from samjax import train  # pylint: disable=g-import-not-at-top
+  runs = list(runs)
+  for run in runs:
+    workdir = run.workdir(root)
+    if not os.path.exists(os.path.join(workdir, 'probe.json')):
+      result = train.train_and_evaluate(run_config(run, overrides or {}), workdir)
+      if 'preempted_at_step' in result:
+        raise SystemExit(f'preempted in {workdir}; rerun the same command to resume the grid')
+  return finished_records(runs, root)[0]
+
+
+def run_shard_and_merge(runs: Sequence[Run], root: str, overrides: Optional[dict], shard: str,
+                        merge_only: bool) -> Optional[list[dict]]:
+  """Runs this shard's slice of ``runs`` (all of them unless ``--merge``).
+
+  Returns every run's record when the whole grid is finished (whichever shard finishes last
+  merges: the slices share ``root``), else None after saying how many runs are missing.
+  """
+  index, count = parse_shard(shard)
+  if not merge_only:
+    run_grid(shard_slice(runs, index, count), root, overrides)
+  records, missing = finished_records(runs, root)
+  if missing:
+    if merge_only:
+      usage_error(f'--merge: {missing} of {len(runs)} runs under {root} are not finished; '
+                  'run the missing shards first.')
+    print(f'shard {index}/{count} done; {missing} of {len(runs)} runs of the grid are not '
+          'finished yet: the tables are written when the last shard finishes (or with --merge).')
+    return None
   return records
 
 

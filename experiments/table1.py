@@ -8,6 +8,18 @@ The paper's grids (PAPER.md): CIFAR-MNIST / FMNIST-MNIST lr {0.01, 0.05, 0.1} x 
 .07}; four seeds; selection on validation error. The paper's Table 1 numbers were lost in
 extraction; its claim is SAM < SGD on both probes for all four data sets, which the table states
 per row. ``--budget=tiny`` shrinks the grid and the steps so that it runs on a CPU in minutes.
+
+The embedded study (no download; :mod:`embedded`): SGD, SAM and LSAM paired by seed on
+``digits_textures``, written to ``OUT/table1.json`` (key ``paired``) and
+``OUT/table1_embedded.md``:
+
+  python experiments/table1.py --embedded --out=runs/embedded          # one point at a time
+  python experiments/table1.py --embedded --vmap --out=runs/embedded   # a method's grid vmapped
+
+Any grid spreads over machines with ``--shard=i/n`` (0 <= i < n): each invocation runs the i-th
+interleaved slice, and the slice that completes the grid in ``--out`` (or ``--merge``) writes
+the tables, e.g. a SLURM array ``#SBATCH --array=0-7`` with
+``--shard=$SLURM_ARRAY_TASK_ID/8``.
 """
 
 from __future__ import annotations
@@ -29,6 +41,11 @@ flags.DEFINE_integer('num_seeds', None, 'Override the number of seeds.')
 flags.DEFINE_string('data_dir', '', 'TFDS data_dir for every run.')
 flags.DEFINE_string('manual_dir', '', 'Manual download folder (Waterbirds).')
 flags.DEFINE_string('init_checkpoint', '', 'torchvision ResNet-18 weights for the ResNet runs.')
+flags.DEFINE_bool('embedded', False, 'Run the embedded digits_textures study instead.')
+flags.DEFINE_bool('vmap', False,
+                  'Embedded study: train each method\'s grid as one vmapped program.')
+flags.DEFINE_string('shard', '0/1', 'i/n: run only the i-th of n interleaved slices of the grid.')
+flags.DEFINE_bool('merge', False, 'Train nothing: merge the finished slices into the tables.')
 
 GRIDS = {
     'cifar_mnist': ([0.01, 0.05, 0.1], [0.0, 0.01, 0.03, 0.05, 0.07, 0.1, 0.2]),
@@ -46,7 +63,7 @@ def build_runs(datasets, budget: str, num_seeds=None):
   runs = []
   for name in datasets:
     if name not in GRIDS:
-      raise ValueError(f'--datasets: unknown {name!r}; choose from {", ".join(GRIDS)}.')
+      sweep.usage_error(f'--datasets: unknown {name!r}; choose from {", ".join(GRIDS)}.')
     lrs, rhos = GRIDS[name]
     seeds = num_seeds or 4
     if budget == 'tiny':
@@ -73,8 +90,25 @@ def overrides(budget: str) -> dict:
 
 def main(argv):
   del argv
+  try:
+    shard = sweep.parse_shard(FLAGS.shard)
+  except ValueError as error:
+    sweep.usage_error(str(error))
+  if FLAGS.num_seeds is not None and FLAGS.num_seeds < (2 if FLAGS.embedded else 1):
+    sweep.usage_error(f'--num_seeds={FLAGS.num_seeds}: need at least '
+                      f'{2 if FLAGS.embedded else 1} (the embedded study\'s intervals need 2).')
+  if FLAGS.embedded:
+    import embedded  # pylint: disable=g-import-not-at-top
+    embedded.run_study(FLAGS.out, shard, FLAGS.merge, FLAGS.budget, FLAGS.num_seeds,
+                       FLAGS.data_dir or None, FLAGS.vmap)
+    return
+  if FLAGS.vmap:
+    sweep.usage_error('--vmap trains the embedded study\'s grid in one program: add --embedded.')
   runs = build_runs(FLAGS.datasets, FLAGS.budget, FLAGS.num_seeds)
-  records = sweep.run_grid(runs, FLAGS.out, overrides(FLAGS.budget))
+  records = sweep.run_shard_and_merge(runs, FLAGS.out, overrides(FLAGS.budget), FLAGS.shard,
+                                      FLAGS.merge)
+  if records is None:
+    return
   rows = sweep.select_and_aggregate(records, METRICS)
   text = sweep.write_table(rows, METRICS, FLAGS.out, 'table1',
                            title='Table 1: probe error (mean +- std over seeds; lower is better)',

@@ -5,7 +5,9 @@
 
 Each run trains on three domains and probes the fourth (configs/domainbed.py). The grid is
 rho {0, .03, .05, .1} x the learning rates below x four seeds, selected on validation error of
-the training domains; the table puts the paper's numbers beside ours.
+the training domains; the table puts the paper's numbers beside ours. ``--shard=i/n`` runs the
+i-th of n interleaved slices of the grid; the slice that completes it (or ``--merge``) writes the
+table.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ flags.DEFINE_integer('num_seeds', None, 'Override the number of seeds.')
 flags.DEFINE_string('manual_dir', '', 'Folder holding the DomainBed ImageFolder trees.')
 flags.DEFINE_string('data_dir', '', 'TFDS data_dir for every run.')
 flags.DEFINE_string('init_checkpoint', '', 'torchvision ResNet-18 weights.')
+flags.DEFINE_string('shard', '0/1', 'i/n: run only the i-th of n interleaved slices of the grid.')
+flags.DEFINE_bool('merge', False, 'Train nothing: merge the finished slices into the table.')
 
 DOMAINS = {
     'office_home': ('Art', 'Clipart', 'Product', 'Real_World'),
@@ -53,10 +57,10 @@ def build_runs(datasets, domains, budget: str, num_seeds=None):
   runs = []
   for name in datasets:
     if name not in DOMAINS:
-      raise ValueError(f'--datasets: unknown {name!r}; choose from {", ".join(DOMAINS)}.')
+      sweep.usage_error(f'--datasets: unknown {name!r}; choose from {", ".join(DOMAINS)}.')
     for domain in domains or DOMAINS[name]:
       if domain not in DOMAINS[name]:
-        raise ValueError(f'--domains: {domain!r} is not a domain of {name}: {DOMAINS[name]}.')
+        sweep.usage_error(f'--domains: {domain!r} is not a domain of {name}: {DOMAINS[name]}.')
       lrs, rhos, seeds = LEARNING_RATES, RHOS, num_seeds or 4
       if budget == 'tiny':
         lrs, rhos, seeds = LEARNING_RATES[:1], (0.0, 0.05), num_seeds or 2
@@ -80,8 +84,15 @@ def overrides(budget: str) -> dict:
 
 def main(argv):
   del argv
+  try:
+    sweep.parse_shard(FLAGS.shard)
+  except ValueError as error:
+    sweep.usage_error(str(error))
   runs = build_runs(FLAGS.datasets, FLAGS.domains, FLAGS.budget, FLAGS.num_seeds)
-  records = sweep.run_grid(runs, FLAGS.out, overrides(FLAGS.budget))
+  records = sweep.run_shard_and_merge(runs, FLAGS.out, overrides(FLAGS.budget), FLAGS.shard,
+                                      FLAGS.merge)
+  if records is None:
+    return
   rows = sweep.select_and_aggregate(records, METRICS)
   text = sweep.write_table(rows, METRICS, FLAGS.out, 'table2', paper=paper_numbers(),
                            title='Table 2: held-out-domain probe accuracy (higher is better)',

@@ -25,7 +25,7 @@ name                 label                    attribute                 easy    
 
 * MNIST is the easy half of the stacked datasets (Shah et al., 2020: MNIST is the simple
   feature next to CIFAR-10; FMNIST-MNIST: Kirichenko et al., 2022); ``digits_dominoes`` was
-  checked empirically (see :mod:`samjax.data.digits_dominoes`).
+  checked empirically (see :mod:`samjax.data.builders.digits_dominoes`).
 * CelebA: the paper names gender the hard feature, so hair colour (the label) is easy.
 * Waterbirds: the background is the simple, spurious feature of Sagawa et al. (2019), so the
   attribute is easy. Confirm with the SGD probes.
