@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import grid_train  # noqa: E402
 
 
-@pytest.mark.parametrize('method', ['sam', 'lsam'])
+@pytest.mark.parametrize('method', ['sam', pytest.param('lsam', marks=pytest.mark.slow)])
 def test_vmapped_grid_equals_points_alone(method):
   recipe = grid_train.Recipe(method=method, num_steps=6, batch_size=16, width=4)
   images, labels = grid_train.synthetic_task(64, shape=(16, 8, 1))
