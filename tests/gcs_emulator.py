@@ -49,8 +49,23 @@ def _serve(cert: str, key: str) -> None:
       request._data = b''  # pylint: disable=protected-access
     return media(request, *args)
 
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    # Real GCS names an object's generation in the headers of every media download; tensorstore
+    # (orbax's OCDBT manifests) conditions its next write on it, and without the header its
+    # write condition is malformed.
+    try:
+      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = str(obj['generation'])
+      response['x-goog-metageneration'] = str(obj.get('metageneration', '1'))
+    except Exception:  # pylint: disable=broad-except  # not found: download answers 404
+      pass
+    return download(request, response, storage, *args, **kwargs)
+
   gs.Request.__init__ = init_keeping_https
   objects._media_upload = media_upload_allowing_empty  # pylint: disable=protected-access
+  objects.download = download_with_generation
 
   class Handler(gs.RequestHandler):
 
