@@ -46,5 +46,15 @@ def main(argv) -> None:
   print(f'{name} prepared in {builder.data_dir}')
 
 
+def cli() -> None:
+  """A bad flag is one line and exit code 2, not absl's usage text."""
+  try:
+    argv = flags.FLAGS(sys.argv)
+  except flags.Error as e:
+    print(f'samjax.data.prepare: error: {str(e).splitlines()[0]}', file=sys.stderr)
+    sys.exit(2)
+  app.run(main, argv=argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli()
