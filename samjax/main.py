@@ -17,6 +17,7 @@ import importlib.util
 import logging as std_logging
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -81,6 +82,8 @@ class _DropLibraryErrors:
     path = record.pathname or ''
     if '/orbax/' in path:
       return False
+    if record.name == 'asyncio' and 'orbax' in record.getMessage():
+      return False  # an orbax write task's failure, reported again when its Task is collected
     return not ('/tensorflow_datasets/' in path and record.levelno < std_logging.ERROR)
 
 
@@ -298,8 +301,18 @@ def _plain(error: BaseException) -> str:
   return '; '.join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _preempted_outside_training(signum, frame) -> None:
+  del signum, frame
+  print('samjax: preempted (SIGTERM) outside the training loop; what is finished is saved: rerun '
+        'the same command to resume.', file=sys.stderr)
+  _exit(PREEMPTED)
+
+
 def cli() -> None:
   """Parses flags ourselves so that a bad flag is one line and exit code 2, not a usage dump."""
+  # SIGTERM before training starts or after it ends (evaluation, probes): 143, as inside the
+  # loop, whose own handler checkpoints the current step instead while it runs.
+  signal.signal(signal.SIGTERM, _preempted_outside_training)
   argv = sys.argv
   if any(a in ('-h', '--help', '-help', '--helpfull', '-?') for a in argv[1:]):
     print(USAGE, end='')
