@@ -33,6 +33,7 @@ DTYPES = ('float32', 'bfloat16')
 MICROBATCH_MODES = ('full_batch', 'per_microbatch')
 NORMALIZATIONS = ('mean_pixel', 'imagenet', 'none')
 DOMAINBED_DATASETS = ('pacs', 'vlcs', 'office_home')
+PLACEMENTS = ('auto', 'device', 'host')
 JOBS = ('train',)
 
 # The step counter is int32 on the device; a seed must fit a uint32 PRNG key.
@@ -164,6 +165,19 @@ FIELDS: tuple[Field, ...] = (
     _positive('data.max_train_examples', None, 'Random subset of train (tiny runs); None: all.',
               optional=True),
     Field('data.augment', False, bool, 'Random crop with padding and horizontal flip.'),
+    # Both placements train bit-identically (same indices and augmentation draws, exact uint8
+    # crop/flip), so the choice is about speed and device memory only.
+    Field('data.placement', 'auto', str,
+          "Where training batches are made. 'device': the uint8 training split is replicated on "
+          'every device once and each step sends only indices and crop/flip parameters; '
+          "'host': each step's batch is gathered and augmented on the host and sent; 'auto': "
+          "'device' if the split fits data.device_memory_budget_mb, else 'host' (splits that do "
+          "not fit always train from the host).", choices=PLACEMENTS),
+    # 2 GiB: every paper data set at the paper's image size fits (CelebA at 64x64: 2.5 GB does
+    # not, and trains from the host) and leaves most of an accelerator's memory to the model.
+    _count('data.device_memory_budget_mb', 2048,
+           'MiB per device the replicated uint8 training split (images, labels, attributes) may '
+           "take under placement 'auto' / 'device'.", high=2**20),
     Field('data.normalization', 'mean_pixel', str,
           "'mean_pixel': training set's per-channel mean / std; 'imagenet': ImageNet's; "
           "'none': divide by 255.", choices=NORMALIZATIONS),

@@ -3,6 +3,7 @@
 No TFDS building here: every dataset is synthetic and made in memory.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -269,6 +270,67 @@ def test_random_crop_and_flip_matches_pad_then_crop():
       for i, ((y, x), f) in enumerate(zip(offsets, flips))])
   np.testing.assert_array_equal(
       input_lib.random_crop_and_flip(images, offsets, flips, padding), expected)
+
+
+@pytest.mark.parametrize('image_shape, padding', [((7, 9, 2), 3), ((8, 6, 3), 1), ((32, 16, 1), 2)])
+def test_crop_and_flip_on_device_equals_numpy(image_shape, padding):
+  rng = np.random.default_rng(sum(image_shape))
+  n = 64
+  images = rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
+  offsets = rng.integers(0, 2 * padding + 1, (n, 2))
+  offsets[:4] = [[0, 0], [2 * padding, 2 * padding], [0, 2 * padding], [2 * padding, 0]]
+  flips = rng.random(n) < 0.5
+  flips[:4] = [True, False, False, True]
+  on_device = jax.jit(input_lib.crop_and_flip_on_device, static_argnums=3)(
+      images, offsets.astype(np.int32), flips, padding)
+  assert on_device.dtype == np.uint8
+  np.testing.assert_array_equal(
+      np.asarray(on_device), input_lib.random_crop_and_flip(images, offsets, flips, padding))
+
+
+@pytest.mark.parametrize('augment', [False, True])
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_device_inputs_gathered_on_device_equal_the_host_batch(dataset, augment, process_count):
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  resident = input_lib.resident_split(dataset.train, mesh)
+  gather = jax.jit(input_lib.gather_batch)
+  shards = [input_lib.TrainBatches(dataset.train, dataset, 20, seed=5, augment=augment,
+                                   process_index=i, process_count=process_count, normalize=False)
+            for i in range(process_count)]
+  for step in (0, 7):  # 7: the second epoch
+    for shard in shards:
+      inputs = shard.device_inputs(step)
+      assert inputs['index'].dtype == np.int32 and ('offset' in inputs) == augment
+      got, want = gather(resident, inputs), shard.batch_at(step)
+      for key in ('image', 'label', 'attribute'):
+        assert got[key].dtype == want[key].dtype, key
+        np.testing.assert_array_equal(np.asarray(got[key]), want[key])
+
+
+def test_resident_split_is_replicated_on_every_device(dataset):
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  resident = input_lib.resident_split(dataset.train, mesh)
+  assert resident['image'].sharding.is_fully_replicated
+  assert len(resident['image'].addressable_shards) == len(jax.devices())
+  for shard in resident['image'].addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), dataset.train.images)
+  np.testing.assert_array_equal(np.asarray(resident['label']), dataset.train.labels)
+  np.testing.assert_array_equal(np.asarray(resident['attribute']), dataset.train.attributes)
+  assert input_lib.split_nbytes(dataset.train) == 103 * (8 * 6 * 3 + 4 + 4)
+
+
+def test_choose_placement():
+  mib = 2**20
+  assert input_lib.choose_placement('auto', 2 * mib, 2)[0] == 'device'  # the budget is inclusive
+  assert input_lib.choose_placement('auto', 2 * mib + 1, 2)[0] == 'host'
+  assert input_lib.choose_placement('device', 2 * mib, 2)[0] == 'device'
+  assert input_lib.choose_placement('host', 1, 2048)[0] == 'host'
+  assert input_lib.choose_placement('auto', 1, 0)[0] == 'host'
+  with pytest.raises(ValueError) as error:
+    input_lib.choose_placement('device', 3 * mib, 2)
+  message = str(error.value)
+  assert message.startswith('config.data.placement: ') and '\n' not in message
+  assert '3.0 MiB' in message and 'device_memory_budget_mb is 2' in message
 
 
 def test_train_batches_validate_arguments(dataset):

@@ -3,15 +3,27 @@
 :class:`TrainBatches` serves the training batch of any step (resuming at step ``s`` gives the
 same batches); :meth:`TrainBatches.iterate` prefetches with threads; :func:`eval_batches`
 iterates a split in fixed-shape batches.
+
+Two placements of the training split (``config.data.placement``), which train bit-identically:
+
+* host: :meth:`TrainBatches.batch_at` gathers, crops and flips each batch with numpy and the
+  uint8 batch travels to the devices every step;
+* device: :func:`resident_split` puts the uint8 split on every device once (replicated);
+  each step only :meth:`TrainBatches.device_inputs` travels (indices and crop/flip parameters,
+  drawn by the same code as ``batch_at``'s) and :func:`gather_batch` (jnp, inside the jitted
+  step) makes the same uint8 batch there. :func:`choose_placement` decides ``'auto'``.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from samjax.data.dataset import FeatureDataset, Split
 
@@ -49,6 +61,81 @@ def random_crop_and_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndar
     out[i, max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)] = source
   out[flips] = out[flips, :, ::-1]
   return out
+
+
+def crop_and_flip_on_device(images: jax.Array, offsets: jax.Array, flips: jax.Array,
+                            padding: int) -> jax.Array:
+  """:func:`random_crop_and_flip` in jnp (traceable), bit for bit the same uint8 result.
+
+  Zero-pads every side by ``padding``, cuts ``H x W`` at ``offsets`` (row, column; in
+  ``[0, 2 * padding]``, where ``lax.dynamic_slice`` never clamps) and mirrors where ``flips``.
+  """
+  _, height, width, channels = images.shape
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  crops = jax.vmap(lambda image, offset: jax.lax.dynamic_slice(
+      image, (offset[0], offset[1], 0), (height, width, channels)))(padded, offsets)
+  return jnp.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
+
+
+def gather_batch(resident: dict[str, jax.Array], inputs: dict[str, jax.Array]) -> dict:
+  """The uint8 batch of :meth:`TrainBatches.batch_at` (``normalize=False``), made with jnp.
+
+  Args:
+    resident: the split as :func:`resident_split` places it: ``{'image': uint8 [N, H, W, C],
+      'label': int32 [N], 'attribute': int32 [N]}``.
+    inputs: :meth:`TrainBatches.device_inputs`: ``{'index': int32 [B]}``, plus ``'offset'``
+      int32 ``[B, 2]`` and ``'flip'`` bool ``[B]`` when augmenting.
+
+  Returns:
+    ``{'image': uint8 [B, H, W, C], 'label': int32 [B], 'attribute': int32 [B]}``.
+  """
+  # The indices come from a permutation of range(N): skipping the bounds handling is safe.
+  take = lambda x: x.at[inputs['index']].get(mode='promise_in_bounds')
+  images = take(resident['image'])
+  if 'offset' in inputs:
+    padding = crop_padding(resident['image'].shape[1:])
+    images = crop_and_flip_on_device(images, inputs['offset'], inputs['flip'], padding)
+  return {'image': images, 'label': take(resident['label']),
+          'attribute': take(resident['attribute'])}
+
+
+def split_nbytes(split: Split) -> int:
+  """Bytes of the split's images, labels and attributes as held in memory (uint8 images)."""
+  return int(split.images.nbytes + split.labels.nbytes + split.attributes.nbytes)
+
+
+def choose_placement(placement: str, split_bytes: int, budget_mb: int) -> tuple[str, str]:
+  """``('device' | 'host', why)`` for ``config.data.placement``.
+
+  ``'device'`` replicates the split on every device, so it must fit ``budget_mb`` MiB per
+  device; ``'auto'`` falls back to ``'host'`` when it does not, ``'device'`` is refused
+  (``ValueError('config.data.placement: ...')``).
+  """
+  if placement not in ('auto', 'device', 'host'):
+    raise ValueError(f'config.data.placement: {placement!r} is not one of auto, device, host.')
+  if placement == 'host':
+    return 'host', 'data.placement is host'
+  fits = split_bytes <= budget_mb * 2**20
+  sizes = (f'the training split takes {split_bytes / 2**20:.1f} MiB (uint8 images, labels, '
+           f'attributes) and data.device_memory_budget_mb is {budget_mb}')
+  if fits:
+    return 'device', f'data.placement is {placement}; {sizes}'
+  if placement == 'device':
+    raise ValueError("config.data.placement: 'device' replicates the training split on every "
+                     f'device, but {sizes}; raise the budget, or use auto or host.')
+  return 'host', f'data.placement is auto but {sizes}'
+
+
+def resident_split(split: Split, mesh: Mesh) -> dict[str, jax.Array]:
+  """The split replicated on every device of ``mesh`` (uint8 images, int32 labels, attributes).
+
+  Every process holds the whole split (every process loads it), so each one fills its own
+  devices from its copy: correct with one process or several.
+  """
+  replicated = NamedSharding(mesh, P())
+  arrays = {'image': split.images, 'label': split.labels, 'attribute': split.attributes}
+  return {k: jax.make_array_from_callback(v.shape, replicated, lambda index, v=v: v[index])
+          for k, v in arrays.items()}
 
 
 class TrainBatches:
@@ -110,6 +197,38 @@ class TrainBatches:
     start = position * self.global_batch_size
     return self.epoch_permutation(epoch)[start:start + self.global_batch_size]
 
+  def step_rows(self, step: int) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """This process's rows of step ``step``: what its batch is made from, on host or device.
+
+    Returns:
+      ``(indices, offsets, flips)``: int64 ``[B_local]`` split indices, int64 ``[B_local, 2]``
+      crop corners in ``[0, 2 * padding]`` and bool ``[B_local]`` mirrors; ``offsets`` and
+      ``flips`` are None without augmentation.
+    """
+    rows = slice(self.process_index * self.local_batch_size,
+                 (self.process_index + 1) * self.local_batch_size)
+    indices = self.global_indices(step)[rows]
+    if not self.augment:
+      return indices, None, None
+    rng = np.random.default_rng(
+        np.random.SeedSequence([self.seed, _AUGMENTATION_STREAM, int(step)]))
+    offsets = rng.integers(0, 2 * self.padding + 1, size=[self.global_batch_size, 2])
+    flips = rng.random(self.global_batch_size) < 0.5
+    return indices, offsets[rows], flips[rows]
+
+  def device_inputs(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of what a step on the resident split needs (:func:`gather_batch`).
+
+    Returns:
+      ``{'index': int32 [B_local]}``, plus ``'offset': int32 [B_local, 2], 'flip': bool
+      [B_local]`` when augmenting.
+    """
+    indices, offsets, flips = self.step_rows(step)
+    inputs = {'index': indices.astype(np.int32)}
+    if offsets is not None:
+      inputs.update(offset=offsets.astype(np.int32), flip=flips)
+    return inputs
+
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of step ``step``'s global batch.
 
@@ -117,16 +236,10 @@ class TrainBatches:
       ``{'image': float32 [B_local, H, W, C] normalised (uint8 as stored with
       ``normalize=False``), 'label': int32 [B_local], 'attribute': int32 [B_local]}``.
     """
-    rows = slice(self.process_index * self.local_batch_size,
-                 (self.process_index + 1) * self.local_batch_size)
-    indices = self.global_indices(step)[rows]
+    indices, offsets, flips = self.step_rows(step)
     images = self.split.images[indices]
-    if self.augment:
-      rng = np.random.default_rng(
-          np.random.SeedSequence([self.seed, _AUGMENTATION_STREAM, int(step)]))
-      offsets = rng.integers(0, 2 * self.padding + 1, size=[self.global_batch_size, 2])
-      flips = rng.random(self.global_batch_size) < 0.5
-      images = random_crop_and_flip(images, offsets[rows], flips[rows], self.padding)
+    if offsets is not None:
+      images = random_crop_and_flip(images, offsets, flips, self.padding)
     return {
         'image': self.dataset.normalize(images) if self.normalize else images,
         'label': self.split.labels[indices],

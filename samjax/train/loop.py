@@ -15,6 +15,7 @@ initial checkpoint) is checked before the workdir is created or written.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import time
 from typing import Optional
@@ -29,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from samjax import data as data_lib
+from samjax.data import input as input_lib
 from samjax import models
 from samjax.config import validate_train_config
 from samjax.io_utils import atomic_write_json
@@ -198,6 +200,11 @@ def _train_and_evaluate(config, workdir: str, held: list) -> dict:
   _on_lead(lock.check)  # before anything is read or written: a second run leaves no trace
   workdir_lib.check_rerun(workdir_path, config)
   dataset = _load_dataset(config)
+  # Decided before the workdir is touched: 'device' on a split too large is a config error.
+  placement, why = input_lib.choose_placement(
+      config.data.placement, input_lib.split_nbytes(dataset.train),
+      config.data.device_memory_budget_mb)
+  logging.info('training batches are made on the %s: %s', placement, why)
   model = models.create_model(_model_config(config), dataset.num_classes)
   mesh = step_lib.make_mesh()
   is_lead = jax.process_index() == 0
@@ -213,7 +220,8 @@ def _train_and_evaluate(config, workdir: str, held: list) -> dict:
       log_diagnostics=config.log_diagnostics,
       microbatches=config.microbatches,
       microbatch_mode=config.microbatch_mode,
-      image_normalization=(dataset.mean, dataset.std))
+      image_normalization=(dataset.mean, dataset.std),
+      device_data=placement == 'device')
   sample = dataset.normalize(batches.batch_at(0)['image'][:1])
   init_state = jax.jit(
       lambda rng: step_lib.create_train_state(model, tx, rng, sample),
@@ -285,11 +293,17 @@ def _train_and_evaluate(config, workdir: str, held: list) -> dict:
       progress.set_postfix(postfix)
     last_time, last_step = now, current_step
 
-  local_batches = batches.iterate(start_step, num_workers=config.input_workers)
+  if placement == 'device':
+    # Per step the host only draws indices and crop/flip parameters: no threads needed.
+    resident = (input_lib.resident_split(dataset.train, mesh),)
+    local_batches = (batches.device_inputs(s) for s in itertools.count(start_step))
+  else:
+    resident = ()
+    local_batches = batches.iterate(start_step, num_workers=config.input_workers)
   with _PreemptionFlag() as preemption, contextlib.closing(local_batches):
     for step in range(start_step + 1, num_steps + 1):
       batch = _global_batch(next(local_batches), batch_sharding)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, *resident)
       pending.append((step, metrics))
       report_progress(step)
       if progress is not None:

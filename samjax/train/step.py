@@ -30,6 +30,7 @@ from samjax import SamState
 from samjax import diagnostics
 from samjax.config import MICROBATCH_MODES, PERTURBATIONS
 from samjax.data.dataset import scale_and_offset
+from samjax.data.input import gather_batch
 from samjax.gradients import (accumulated_grad, device_varying, mean_over_microbatches,
                               merge_microbatches)
 from samjax.train.optim import find_sam_state, learning_rate_schedule, optimizer_parts
@@ -192,8 +193,12 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
                     perturbation: str = 'sync', log_diagnostics: bool = False,
                     donate: bool = True, tx: Optional[optax.GradientTransformation] = None,
                     microbatches: int = 1, microbatch_mode: str = 'full_batch',
-                    image_normalization: Optional[tuple[np.ndarray, np.ndarray]] = None):
+                    image_normalization: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                    device_data: bool = False):
   """Builds ``(tx, step)`` where ``step(state, batch) -> (state, metrics)`` is jitted.
+
+  With ``device_data`` the step is ``step(state, inputs, resident) -> (state, metrics)``: it
+  makes the batch itself from the resident split (:func:`device_data_batch`).
 
   Args:
     model: a flax module following samjax's model convention.
@@ -216,6 +221,12 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
     image_normalization: ``(mean, std)`` per channel: the batch's images arrive as uint8 and are
       normalised inside the step, ``(x - mean) / std``, which spares the host 4x the work and
       the transfer.
+    device_data: take ``inputs`` (:meth:`samjax.data.input.TrainBatches.device_inputs`: indices
+      and crop/flip parameters, sharded like a batch) and ``resident`` (the uint8 split,
+      :func:`samjax.data.input.resident_split`, replicated) instead of a batch; the batch is
+      gathered, cropped and flipped on the devices, bit-identical to the host's. ``resident``
+      is an argument, not a constant captured by the step, so the split is not embedded in
+      the compiled program.
   Returns:
     The optimizer (for ``create_train_state``) and the jitted step.
   """
@@ -244,6 +255,29 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
   if per_device:
     local = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
-  step = jax.jit(local, in_shardings=(replicated, batch_sharding),
+  if not device_data:
+    step = jax.jit(local, in_shardings=(replicated, batch_sharding),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
+    return tx, step
+  make_batch = device_data_batch(mesh)
+
+  def fed(state, inputs, resident):
+    return local(state, make_batch(resident, inputs))
+
+  # The resident split is not donated: it serves every step.
+  step = jax.jit(fed, in_shardings=(replicated, batch_sharding, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
   return tx, step
+
+
+def device_data_batch(mesh: Mesh) -> Callable:
+  """``(resident, inputs) -> uint8 batch`` sharded on ``'data'``, as a traceable function.
+
+  Every device gathers, crops and flips its own rows from its replica of the split
+  (``shard_map``: no communication, whatever the partitioner would choose), so the batch enters
+  the step exactly as a host batch sharded ``P('data')`` would, under ``'sync'`` and
+  ``'per_device'`` alike. ``resident``: :func:`samjax.data.input.resident_split`; ``inputs``:
+  :meth:`samjax.data.input.TrainBatches.device_inputs` as global arrays.
+  """
+  return jax.shard_map(gather_batch, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                       out_specs=P(DATA_AXIS))
