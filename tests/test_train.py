@@ -74,36 +74,21 @@ def test_digits_dominoes_trains_for_real_and_writes_every_output(tmp_path, data_
 
 
 def test_resume_after_sigterm_equals_a_straight_run(tmp_path, data_dir, monkeypatch):
+  def config():  # the host pipeline (test_resumed_device_placement_run_... : the device's)
+    c = tiny_digits_config(data_dir)
+    c.data.placement = 'host'
+    return c
+
   straight = str(tmp_path / 'straight')
-  train.train_and_evaluate(tiny_digits_config(data_dir), straight)
-
-  real_make_train_step = step_lib.make_train_step
-
-  def make_step_that_gets_preempted(*args, **kwargs):
-    tx, step = real_make_train_step(*args, **kwargs)
-    calls = {'n': 0}
-
-    def preempted_step(state, batch):
-      calls['n'] += 1
-      if calls['n'] == 11:  # between two periodic checkpoints (every 8 steps)
-        os.kill(os.getpid(), signal.SIGTERM)
-      return step(state, batch)
-
-    return tx, preempted_step
-
+  train.train_and_evaluate(config(), straight)
   resumed = str(tmp_path / 'resumed')
-  monkeypatch.setattr(step_lib, 'make_train_step', make_step_that_gets_preempted)
-  first = train.train_and_evaluate(tiny_digits_config(data_dir), resumed)
+  restore = preempt_at(monkeypatch, 11)  # between two periodic checkpoints (every 8 steps)
+  first = train.train_and_evaluate(config(), resumed)
   assert first == {'preempted_at_step': 11}
   assert not os.path.exists(os.path.join(resumed, 'probe.json'))
-  monkeypatch.setattr(step_lib, 'make_train_step', real_make_train_step)
-  train.train_and_evaluate(tiny_digits_config(data_dir), resumed)
-
-  assert read_metrics(straight) == read_metrics(resumed)
-  with open(os.path.join(straight, 'probe.json')) as a, open(os.path.join(resumed, 'probe.json')) as b:
-    assert json.load(a) == json.load(b)
-  for x, y in zip(jax.tree.leaves(restore_params(straight)), jax.tree.leaves(restore_params(resumed))):
-    np.testing.assert_array_equal(x, y)
+  restore()
+  train.train_and_evaluate(config(), resumed)
+  assert_same_run(straight, resumed)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, caplog):
@@ -209,3 +194,94 @@ def test_checksums_are_recorded_and_verified(tmp_path, data_dir):
   with pytest.raises(ValueError, match='no readable checkpoint'):
     train.load_run(workdir)
   assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))[0].startswith('8.')
+
+
+def preempt_at(monkeypatch, call):
+  """Makes train_and_evaluate's step send SIGTERM to this process at its ``call``-th call."""
+  real_make_train_step = step_lib.make_train_step
+
+  def make_step_that_gets_preempted(*args, **kwargs):
+    tx, step = real_make_train_step(*args, **kwargs)
+    calls = {'n': 0}
+
+    def preempted_step(*step_args):
+      calls['n'] += 1
+      if calls['n'] == call:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(*step_args)
+
+    return tx, preempted_step
+
+  monkeypatch.setattr(step_lib, 'make_train_step', make_step_that_gets_preempted)
+  return lambda: monkeypatch.setattr(step_lib, 'make_train_step', real_make_train_step)
+
+
+def assert_same_run(a, b):
+  assert read_metrics(a) == read_metrics(b)
+  with open(os.path.join(a, 'probe.json')) as f, open(os.path.join(b, 'probe.json')) as g:
+    assert json.load(f) == json.load(g)
+  for x, y in zip(jax.tree.leaves(restore_params(a)), jax.tree.leaves(restore_params(b)),
+                  strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('augment, perturbation', [(True, 'sync'), (False, 'sync'),
+                                                   (True, 'per_device')])
+def test_device_and_host_placement_train_bit_identically(tmp_path, data_dir, caplog, augment,
+                                                         perturbation):
+  runs = {}
+  for placement in ('device', 'host'):
+    config = tiny_digits_config(data_dir, 'sam', steps=12)
+    config.data.augment, config.perturbation, config.data.placement = (augment, perturbation,
+                                                                       placement)
+    runs[placement] = str(tmp_path / placement)
+    with caplog.at_level('INFO'):
+      train.train_and_evaluate(config, runs[placement])
+    assert f'training batches are made on the {placement}: data.placement is' in caplog.text
+    caplog.clear()
+  assert_same_run(runs['device'], runs['host'])
+
+
+def test_resumed_device_placement_run_equals_a_straight_run(tmp_path, data_dir, monkeypatch):
+  def config():
+    c = tiny_digits_config(data_dir)
+    c.data.augment, c.data.placement = True, 'device'
+    return c
+
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(config(), straight)
+  resumed = str(tmp_path / 'resumed')
+  restore = preempt_at(monkeypatch, 11)  # between two periodic checkpoints (every 8 steps)
+  assert train.train_and_evaluate(config(), resumed) == {'preempted_at_step': 11}
+  restore()
+  train.train_and_evaluate(config(), resumed)
+  assert_same_run(straight, resumed)
+
+
+def test_auto_placement_follows_the_budget_and_device_beyond_it_is_refused(tmp_path, data_dir,
+                                                                          caplog):
+  config = tiny_digits_config(data_dir, 'sgd', steps=2)
+  config.data.device_memory_budget_mb = 0  # digits dominoes: ~0.7 MiB, above a 0 MiB budget
+  with caplog.at_level('INFO'):
+    train.train_and_evaluate(config, str(tmp_path / 'auto'))
+  assert 'training batches are made on the host: data.placement is auto but' in caplog.text
+  config.data.placement = 'device'
+  workdir = tmp_path / 'device'
+  with pytest.raises(ValueError, match=r"^config\.data\.placement: 'device' .* MiB .* is 0;"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_a_rerun_may_change_the_placement_but_not_the_data():
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from samjax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as folder:
+    path = epath.Path(folder)
+    config = tiny_digits_config(folder)
+    workdir_lib.write_config(path, config)
+    config.data.placement, config.data.device_memory_budget_mb = 'host', 1
+    workdir_lib.check_rerun(path, config)
+    config.data.augment = True
+    with pytest.raises(ValueError, match=r'fields data\.augment differ'):
+      workdir_lib.check_rerun(path, config)
