@@ -103,13 +103,16 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path, data_dir):
+@pytest.mark.parametrize('placement', ['device', 'host'])
+def test_two_processes_equal_one(tmp_path, data_dir, placement):
+  args = lambda workdir: tiny_args(workdir, data_dir, steps=12) + [
+      '--config.data.augment=True', f'--config.data.placement={placement}']
   single = str(tmp_path / 'single')
-  code, _, err = finish(start(tiny_args(single, data_dir, steps=12), devices=4))
+  code, _, err = finish(start(args(single), devices=4))
   assert code == 0, err
   multi = str(tmp_path / 'multi')
   port = free_port()
-  procs = [start(tiny_args(multi, data_dir, steps=12) + ['--config.progress_bar=True'] +
+  procs = [start(args(multi) + ['--config.progress_bar=True'] +
                  [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                   f'--process_id={i}'], devices=2) for i in range(2)]
   outputs = []
