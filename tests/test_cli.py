@@ -175,3 +175,22 @@ def test_a_typo_in_a_field_name_is_plain_text_with_a_suggestion(tmp_path):
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'Did you mean "name"' in lines[0] and '\\' not in lines[0], lines
+
+
+def test_device_placement_of_a_split_above_the_budget_is_one_line_and_exit_2(tmp_path):
+  from samjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / 'tfds')
+  config = base_train_config()
+  config.data.data_dir = data_dir
+  data_lib.load_dataset(config.data, seed=0)  # prepared: the run gets as far as the split's size
+  workdir = tmp_path / 'run'
+  proc = run_main(['--config=configs/digits_dominoes.py', f'--workdir={workdir}',
+                   f'--config.data.data_dir={data_dir}', '--config.data.placement=device',
+                   '--config.data.device_memory_budget_mb=0'])
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert 'Traceback' not in proc.stderr
+  assert len(lines) == 1, proc.stderr
+  assert lines[-1].startswith("samjax: error: config.data.placement: 'device'"), proc.stderr
+  assert 'MiB' in lines[-1] and 'device_memory_budget_mb is 0' in lines[-1], proc.stderr
+  assert not workdir.exists()
