@@ -282,6 +282,10 @@ def test_a_rerun_may_change_the_placement_but_not_the_data():
     workdir_lib.write_config(path, config)
     config.data.placement, config.data.device_memory_budget_mb = 'host', 1
     workdir_lib.check_rerun(path, config)
+    saved = json.loads((path / 'config.json').read_text())
+    del saved['data']['placement'], saved['data']['device_memory_budget_mb']
+    (path / 'config.json').write_text(json.dumps(saved))  # a run from before the fields existed
+    workdir_lib.check_rerun(path, config)
     config.data.augment = True
     with pytest.raises(ValueError, match=r'fields data\.augment differ'):
       workdir_lib.check_rerun(path, config)
