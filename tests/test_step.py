@@ -220,3 +220,29 @@ def test_step_on_the_resident_split_equals_the_step_on_host_batches(perturbation
     device, device_metrics = device_step(device, batches.device_inputs(step), resident)
     for x, y in zip(jax.tree.leaves((host, host_metrics)), jax.tree.leaves((device, device_metrics))):
       np.testing.assert_array_equal(x, y)
+
+
+def test_the_resident_split_is_an_argument_of_the_step_not_a_constant_in_it():
+  from samjax.data import dataset as dataset_lib
+  from samjax.data import input as input_lib
+  mesh = step_lib.make_mesh(jax.devices()[:8])
+  model = TinyNet()
+  tx, step = step_lib.make_train_step(model, opt_config('sam'), 10, mesh, device_data=True,
+                                      image_normalization=(np.zeros(1), np.ones(1)))
+  state = step_lib.create_train_state(model, tx, jax.random.key(0), np.zeros((1, 8, 8, 1)))
+  inputs = {'index': np.arange(16, dtype=np.int32), 'offset': np.zeros((16, 2), np.int32),
+            'flip': np.zeros(16, bool)}
+  sizes = {}
+  for n in (16, 4096):
+    # Random, not constant, images: a constant array would be printed as one splat value.
+    images = np.random.default_rng(n).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    split = dataset_lib.Split(images=images,
+                              labels=np.zeros(n, np.int32), attributes=np.zeros(n, np.int32),
+                              num_classes=3, num_attributes=1)
+    resident = input_lib.resident_split(split, mesh)
+    lowered = step.lower(state, inputs, resident)
+    args, _ = lowered.args_info
+    assert args[2]['image'].shape == (n, 8, 8, 1)
+    sizes[n] = len(lowered.as_text())
+  # 256 KiB of images would show in the program text if they were embedded in it.
+  assert abs(sizes[4096] - sizes[16]) < 100, sizes
