@@ -10,6 +10,7 @@ training.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -26,8 +27,57 @@ from samjax.io_utils import atomic_write_json
 from samjax.train import workdir as workdir_lib
 from samjax.train.evaluate import to_host
 
+# How long a failed orbax operation's event loop waits for its other in-flight writes before it
+# is closed anyway (they fail fast on a full disk; on gs:// tensorstore's own retries bound them).
+DRAIN_SECONDS = 120.0
+
 QUARANTINE = 'checkpoints_unreadable'
 CHECKSUM_FILE = 'samjax_checksum.json'
+
+
+def _run_sync_draining(coro):
+  """orbax's ``_run_sync_via_new_loop``, but the loop outlives the writes it started.
+
+  orbax runs each save in a fresh event loop that it closes as soon as the coroutine ends. When
+  one tensorstore write fails (``No space left on device``) ``asyncio.gather`` raises at once
+  while the other writes are still in flight; when they finish, tensorstore's completion
+  callbacks call ``loop.call_soon_threadsafe`` on the closed loop from its own threads and the
+  ``RuntimeError: Event loop is closed`` tracebacks are printed from C++ (no Python hook sees
+  them). Here, after the coroutine ends, the loop keeps running until every task it still holds
+  has finished (bounded by ``DRAIN_SECONDS``), so every callback reaches a live loop; only then is
+  it closed. A successful save has no pending tasks: nothing changes for it.
+  """
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  finally:
+    try:
+      pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+      if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=DRAIN_SECONDS))
+        for task in pending:  # their failures repeat the one already raised: mark them seen
+          if task.done() and not task.cancelled():
+            task.exception()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+      asyncio.set_event_loop(None)
+      loop.close()
+
+
+def _install_draining_loops() -> None:
+  """Replaces orbax's private per-call loop runner (orbax-checkpoint 0.11-0.12 name it
+  ``asyncio_utils._run_sync_via_new_loop``); left alone if a version has no such function.
+  tests/test_reliability.py::test_a_full_disk_is_one_line_and_exit_74 checks the effect."""
+  try:
+    from orbax.checkpoint._src import asyncio_utils  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  if callable(getattr(asyncio_utils, '_run_sync_via_new_loop', None)):
+    asyncio_utils._run_sync_via_new_loop = _run_sync_draining  # pylint: disable=protected-access
+
+
+_install_draining_loops()
 
 
 def checksum(state) -> str:
