@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -145,13 +146,29 @@ def _restore_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
   return restored[STATE_ITEM]
 
 
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+  """Moves the folder ``source`` to ``target``: one rename on a local disk; on an object store
+  (gs://), where a folder is only a name prefix and renaming it fails (HTTP 404: there is no
+  folder object), every object is copied first and the source deleted only after all copies
+  exist, so an interruption never loses data (the source, still there, is moved again later)."""
+  if '://' not in os.fspath(source):
+    source.rename(target)
+    return
+  for root, _, files in source.walk():
+    for name in files:
+      destination = target / (root / name).relative_to(source)
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      (root / name).copy(destination, overwrite=True)
+  source.rmtree()
+
+
 def _quarantine(directory: epath.Path, steps: list[int]) -> None:
   """Moves unreadable checkpoints aside (never deletes them) so that the run can save again."""
   target_root = directory.parent / QUARANTINE
   target_root.mkdir(parents=True, exist_ok=True)
   for step in steps:
     target = target_root / f'{step}.{int(time.time())}'
-    (directory / str(step)).rename(target)
+    _move_tree(directory / str(step), target)
     logging.warning('moved the unreadable checkpoint of step %d to %s', step, target)
 
 
