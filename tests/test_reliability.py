@@ -232,7 +232,8 @@ def test_a_full_disk_is_one_line_and_exit_74(tmp_path, data_dir):
     assert code == 74, err
     ours = [l for l in err.splitlines() if l.startswith('samjax: error:')]
     assert len(ours) == 1 and 'no space left on device' in ours[0], err
-    assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))  # the saved one is intact
+    assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))  # the saved one is intact,
+    assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4', 'samjax_checksum'))  # recorded
   finally:
     subprocess.run(['umount', str(small)], check=True)
   # Strict: orbax's save loop used to close while tensorstore's other writes were in flight, and

@@ -9,10 +9,11 @@ restore recomputes the checksum from the restored arrays and treats a mismatch l
 unreadable checkpoint: quarantined, with a warning naming it, and the previous checkpoint used.
 Silent byte flips therefore never reach training.
 
-A finalised checkpoint without a record can only come from before checksums were recorded
-(samjax <= the side-file era): it is restored unverified, with one warning naming it. A record
-in the older side file ``<step>/samjax_checksum.json`` (written after finalisation) is still
-verified.
+A finalised checkpoint without a record was therefore saved by an older samjax: before
+checksums existed, or by the versions that wrote the record as a side file after finalisation
+(``<step>/samjax_checksum.json``) when a run was stopped in between. Its arrays are the ones
+orbax finalised; it is restored unverified, with one warning naming it. A record in that side
+file is still verified.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def _run_sync_draining(coro):
   one tensorstore write fails (``No space left on device``) ``asyncio.gather`` raises at once
   while the other writes are still in flight; when they finish, tensorstore's completion
   callbacks call ``loop.call_soon_threadsafe`` on the closed loop from its own threads and the
-  ``RuntimeError: Event loop is closed`` tracebacks are printed from C++ (no Python hook sees
-  them). Here, after the coroutine ends, the loop keeps running until every task it still holds
+  ``RuntimeError: Event loop is closed`` tracebacks are printed from C++ (sys.excepthook,
+  threading.excepthook and logging filters did not catch them). Here, after the coroutine ends, the loop keeps running until every task it still holds
   has finished (bounded by ``DRAIN_SECONDS``), so every callback reaches a live loop; only then is
   it closed. A successful save has no pending tasks: nothing changes for it.
   """
