@@ -79,6 +79,7 @@ from typing import Any, Callable, Optional, Sequence  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
@@ -715,8 +716,7 @@ def bench_pipeline(size: Size, steps_results: Optional[dict],
   known_steps = _steps_by_case(steps_results)
   foreign = {}
   if consumers_from:
-    with open(consumers_from) as f:
-      other = json.load(f)
+    other = json.loads(epath.Path(consumers_from).read_text())  # local or gs://
     label = f"{consumers_from} ({other['meta']['backend']}: {other['meta']['device_kind']})"
     for ds, r in ((other.get('pipeline') or {}).get('datasets') or {}).items():
       if 'step_s' in r:
@@ -1001,9 +1001,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   results = run(args)
   print(format_report(results), flush=True)
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(results, f, indent=1, default=float)
+    from samjax.io_utils import atomic_write_text  # pylint: disable=g-import-not-at-top
+    # Local or gs://; atomic_write creates the parent folder.
+    atomic_write_text(args.out, json.dumps(results, indent=1, default=float))
   return 0
 
 

@@ -37,6 +37,7 @@ import sys
 from typing import Any, Optional
 
 from absl import app, flags, logging
+from etils import epath
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Run directory written by samjax.train.train_and_evaluate.')
@@ -159,7 +160,7 @@ def compute(workdir: str, *, num_examples: int = 512, rho: Optional[float] = Non
   from samjax import diagnostics, probe, train  # pylint: disable=g-import-not-at-top
   from samjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():  # a local directory or a URL (gs://...)
     raise ValueError(f'--workdir {workdir} does not exist.')
   if num_bins < 1:
     raise ValueError(f'--num_bins must be positive, got {num_bins}.')
@@ -168,9 +169,9 @@ def compute(workdir: str, *, num_examples: int = 512, rho: Optional[float] = Non
   if rho is not None:
     resolve_rho(rho, 'given', rho)  # fail before loading anything
   if step is not None:
-    checkpoints = os.path.join(workdir, 'checkpoints')
-    saved = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) if os.path.isdir(
-        checkpoints) else []
+    checkpoints = epath.Path(workdir) / 'checkpoints'
+    saved = sorted(int(p.name) for p in checkpoints.iterdir()
+                   if p.name.isdigit()) if checkpoints.is_dir() else []
     if step not in saved:
       raise ValueError(f'--step={step}: {workdir} has checkpoints at steps {saved}.')
   try:
@@ -236,7 +237,7 @@ def compute(workdir: str, *, num_examples: int = 512, rho: Optional[float] = Non
 
   n = len(indices)
   return {
-      'workdir': os.path.abspath(workdir),
+      'workdir': _absolute(workdir),
       'step': int(step),
       'dataset': config.data.name,
       'optimizer': opt.name,
@@ -364,17 +365,24 @@ def plot_bins(r: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _absolute(path: str) -> str:
+  """A local path made absolute; a URL (gs://...) as given (abspath would mangle it)."""
+  return path if '://' in path else os.path.abspath(path)
+
+
 def output_paths(out: str, step: int) -> dict:
-  return {'json': os.path.join(out, f'diagnostics_step{step}.json'),
-          'fig3': os.path.join(out, f'fig3_lorenz_step{step}.png'),
-          'fig5': os.path.join(out, f'fig5_importance_bins_step{step}.png')}
+  """``out`` is a local directory or a URL (gs://...): the files are written through epath."""
+  out = epath.Path(out)
+  return {'json': str(out / f'diagnostics_step{step}.json'),
+          'fig3': str(out / f'fig3_lorenz_step{step}.png'),
+          'fig5': str(out / f'fig5_importance_bins_step{step}.png')}
 
 
 def run(workdir: str, out: Optional[str] = None, **kwargs) -> dict:
   """Computes the diagnostics of ``workdir``, writes JSON and figures; returns their paths."""
   from samjax.io_utils import atomic_write_json  # pylint: disable=g-import-not-at-top
   result = compute(workdir, **kwargs)
-  paths = output_paths(out or os.path.join(workdir, 'diagnostics'), result['step'])
+  paths = output_paths(out or str(epath.Path(workdir) / 'diagnostics'), result['step'])
   atomic_write_json(paths['json'], result)
   plot_lorenz(result, paths['fig3'])
   plot_bins(result, paths['fig5'])

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 import grid_train
 import paired
@@ -274,7 +274,8 @@ TINY = dict(learning_rates=(0.05,), rhos=(0.05,), num_seeds=2,
 
 
 def shard_path(out: str, index: int, count: int) -> str:
-  return os.path.join(out, 'embedded_points', f'shard-{index}-of-{count}.json')
+  """``out`` is a local directory or a URL (gs://...)."""
+  return str(epath.Path(out) / 'embedded_points' / f'shard-{index}-of-{count}.json')
 
 
 def run_study(out: str, shard: tuple[int, int] = (0, 1), merge_only: bool = False,
@@ -286,7 +287,7 @@ def run_study(out: str, shard: tuple[int, int] = (0, 1), merge_only: bool = Fals
   slice that completes the set (or ``--merge``) writes ``table1.json``, ``table1_embedded.md``
   and ``table1_embedded.png``. Returns the summary when written, else None.
   """
-  from samjax.io_utils import atomic_write_text  # pylint: disable=g-import-not-at-top
+  from samjax.io_utils import atomic_write_text, read_json  # pylint: disable=g-import-not-at-top
   import sweep  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   index, count = shard
@@ -298,7 +299,7 @@ def run_study(out: str, shard: tuple[int, int] = (0, 1), merge_only: bool = Fals
   if not merge_only:
     mine = sweep.shard_slice(points, index, count)
     path = shard_path(out, index, count)
-    if not os.path.exists(path):  # a finished slice is not trained again
+    if not epath.Path(path).exists():  # a finished slice is not trained again
       data = load_data(data_dir)
       records = run_points(mine, data, recipe, vmap=vmap, log=log)
       room = (room_on_the_hard_feature(data, recipe, num_steps=4 if tiny else 300)
@@ -309,7 +310,7 @@ def run_study(out: str, shard: tuple[int, int] = (0, 1), merge_only: bool = Fals
           'recipe': {**RECIPE, **recipe}, 'wall_s': time.perf_counter() - start,
           'points': records}, indent=1))
   slices = [shard_path(out, i, count) for i in range(count)]
-  missing = [p for p in slices if not os.path.exists(p)]
+  missing = [p for p in slices if not epath.Path(p).exists()]
   if missing:
     if merge_only:
       sweep.usage_error(f'--merge: {len(missing)} of {count} slices are missing, e.g. '
@@ -317,19 +318,17 @@ def run_study(out: str, shard: tuple[int, int] = (0, 1), merge_only: bool = Fals
     log(f'shard {index}/{count} done; {len(missing)} of {count} slices missing: the table is '
         'written when the last one finishes (or with --merge).')
     return None
-  loaded = []
-  for p in slices:
-    with open(p) as f:
-      loaded.append(json.load(f))
+  loaded = [read_json(p) for p in slices]
   all_points = [point for part in loaded for point in part['points']]
   summary = summarise(all_points)
   summary.update({'room_on_the_hard_feature': loaded[0].get('room_on_the_hard_feature'),
                   'budget': budget, 'num_seeds': seeds, 'recipe': loaded[0]['recipe'],
                   'slices': count, 'slice_wall_s': [part['wall_s'] for part in loaded],
                   'points': all_points})
-  plot(summary, os.path.join(out, 'table1_embedded.png'))
-  atomic_write_text(os.path.join(out, 'table1.json'), json.dumps(summary, indent=1))
+  out = epath.Path(out)
+  plot(summary, out / 'table1_embedded.png')
+  atomic_write_text(out / 'table1.json', json.dumps(summary, indent=1))
   text = report(summary, 'table1_embedded.png', wall_s=sum(summary['slice_wall_s']))
-  atomic_write_text(os.path.join(out, 'table1_embedded.md'), text)
+  atomic_write_text(out / 'table1_embedded.md', text)
   log(text)
   return summary

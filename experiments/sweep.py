@@ -21,10 +21,11 @@ import sys
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
-from samjax.io_utils import atomic_save_figure, atomic_write_text
+from samjax.io_utils import atomic_save_figure, atomic_write_text, read_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,9 @@ class Run:
     return 'sgd' if self.rho == 0 else 'sam'
 
   def workdir(self, root: str) -> str:
-    return os.path.join(root, self.tag.replace('/', '_'),
-                        f'{self.method}_lr{self.learning_rate:g}_rho{self.rho:g}_seed{self.seed}')
+    """``root`` is a local directory or a URL (gs://...): paths go through etils.epath."""
+    return str(epath.Path(root) / self.tag.replace('/', '_') /
+               f'{self.method}_lr{self.learning_rate:g}_rho{self.rho:g}_seed{self.seed}')
 
 
 def load_config(config_file: str, arg: Optional[str] = None):
@@ -106,12 +108,11 @@ def finished_records(runs: Iterable[Run], root: str) -> tuple[list[dict], int]:
   """``(records of the finished runs, number of unfinished runs)`` read from their workdirs."""
   records, missing = [], 0
   for run in runs:
-    probe_path = os.path.join(run.workdir(root), 'probe.json')
-    if not os.path.exists(probe_path):
+    probe_path = epath.Path(run.workdir(root)) / 'probe.json'
+    if not probe_path.exists():
       missing += 1
       continue
-    with open(probe_path) as f:
-      result = json.load(f)
+    result = read_json(probe_path)
     records.append({**dataclasses.asdict(run), 'method': run.method, **result})
   return records, missing
 
@@ -122,7 +123,7 @@ def run_grid(runs: Iterable[Run], root: str, overrides: Optional[dict] = None) -
   runs = list(runs)
   for run in runs:
     workdir = run.workdir(root)
-    if not os.path.exists(os.path.join(workdir, 'probe.json')):
+    if not (epath.Path(workdir) / 'probe.json').exists():
       result = train.train_and_evaluate(run_config(run, overrides or {}), workdir)
       if 'preempted_at_step' in result:
         raise SystemExit(f'preempted in {workdir}; rerun the same command to resume the grid')
@@ -173,7 +174,8 @@ def write_table(rows: list[dict], metrics: Sequence[str], out_dir: str, name: st
                 paper: Optional[dict] = None, scale: float = 1.0, title: str = '',
                 footer: Sequence[str] = ()) -> str:
   """Writes ``<name>.md`` and ``<name>.csv``; ``paper`` maps (tag, method) -> {metric: value}."""
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = epath.Path(out_dir)  # local or gs://
+  out_dir.mkdir(parents=True, exist_ok=True)
   fieldnames = list(rows[0].keys()) if rows else []
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=fieldnames + (['paper'] if paper else []))
@@ -181,7 +183,7 @@ def write_table(rows: list[dict], metrics: Sequence[str], out_dir: str, name: st
   for row in rows:
     extra = {'paper': json.dumps(paper.get((row['tag'], row['method']), {}))} if paper else {}
     writer.writerow({**row, **extra})
-  atomic_write_text(os.path.join(out_dir, f'{name}.csv'), buffer.getvalue())
+  atomic_write_text(out_dir / f'{name}.csv', buffer.getvalue())
   header = ['data', 'method', 'lr', 'rho', 'seeds'] + list(metrics)
   if paper:
     header += [f'paper {m}' for m in metrics]
@@ -198,7 +200,7 @@ def write_table(rows: list[dict], metrics: Sequence[str], out_dir: str, name: st
   if footer:
     lines += [''] + list(footer)
   text = '\n'.join(lines) + '\n'
-  atomic_write_text(os.path.join(out_dir, f'{name}.md'), text)
+  atomic_write_text(out_dir / f'{name}.md', text)
   return text
 
 

@@ -28,6 +28,7 @@ import os
 import sys
 
 from absl import app, flags
+from etils import epath
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -114,7 +115,7 @@ def main(argv):
                            title='Table 1: probe error (mean +- std over seeds; lower is better)',
                            footer=[line for metric in METRICS[:2]
                                    for line in sweep.verdicts(rows, metric)])
-  sweep.plot_table(rows, METRICS[:2], os.path.join(FLAGS.out, 'table1.png'), 'probe error')
+  sweep.plot_table(rows, METRICS[:2], str(epath.Path(FLAGS.out) / 'table1.png'), 'probe error')
   print(text)
 
 

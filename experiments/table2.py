@@ -16,6 +16,7 @@ import os
 import sys
 
 from absl import app, flags
+from etils import epath
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -97,7 +98,7 @@ def main(argv):
   text = sweep.write_table(rows, METRICS, FLAGS.out, 'table2', paper=paper_numbers(),
                            title='Table 2: held-out-domain probe accuracy (higher is better)',
                            footer=sweep.verdicts(rows, 'probe_accuracy', higher_is_better=True))
-  sweep.plot_table(rows, METRICS, os.path.join(FLAGS.out, 'table2.png'), 'probe accuracy')
+  sweep.plot_table(rows, METRICS, str(epath.Path(FLAGS.out) / 'table2.png'), 'probe accuracy')
   print(text)
 
 

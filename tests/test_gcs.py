@@ -134,3 +134,39 @@ def test_the_toy_study_writes_to_a_gs_workdir(emulator):
   assert 'toy/results.json' in names and 'toy/report.md' in names
   assert any(n.endswith('.png') for n in names)
   assert json.loads(emulator.read('toy/results.json'))['runs']
+
+
+QUARANTINE_ON_GCS = '''
+import json, numpy as np
+from etils import epath
+from samjax.train import checkpoint as c
+mgr = c.manager(epath.Path("gs://bucket/q"), keep=5)
+state = lambda v: {"w": np.full((3,), v, np.float32)}
+c.save(mgr, 1, state(1.0))
+c.save(mgr, 2, state(2.0))
+# A wrong record: step 2 no longer verifies.
+record = epath.Path("gs://bucket/q/checkpoints/2") / c.CHECKSUM_ITEM / "metadata"
+record.write_text(json.dumps({"sha256": "0" * 64}))
+restored, step = c.restore_latest(mgr, state(0.0))
+assert step == 1 and float(restored["w"][0]) == 1.0, (step, restored)
+assert mgr.all_steps() == [1], mgr.all_steps()
+c.save(mgr, 2, state(3.0))  # the step can be saved again
+restored, step = c.restore_latest(mgr, state(0.0))
+assert step == 2 and float(restored["w"][0]) == 3.0, (step, restored)
+print("QUARANTINE OK")
+'''
+
+
+def test_a_checkpoint_that_does_not_verify_is_quarantined_on_gcs(emulator):
+  proc = subprocess.run([sys.executable, '-c', QUARANTINE_ON_GCS], cwd=ROOT,
+                        env=env_with(emulator.env), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and 'QUARANTINE OK' in proc.stdout, proc.stderr[-3000:]
+  moved = [n for n in emulator.list('q/checkpoints_unreadable/') if not n.endswith('/')]
+  assert moved and all(n.startswith('q/checkpoints_unreadable/2.') for n in moved), moved
+  # All of it moved (gs:// has no folder rename: samjax copies every object, then deletes):
+  # the array data, orbax's metadata and the wrong record kept as evidence.
+  assert any('/default/ocdbt.process_0/d/' in n for n in moved), moved
+  assert any(n.endswith('/default/_METADATA') for n in moved), moved
+  (record,) = [n for n in moved if n.endswith('/samjax_checksum/metadata')]
+  assert json.loads(emulator.read(record)) == {'sha256': '0' * 64}
+  assert 'moved the unreadable checkpoint of step 2' in proc.stderr

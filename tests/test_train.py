@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -180,15 +181,39 @@ def test_a_byte_flip_in_a_checkpoint_is_caught_and_the_previous_one_used(tmp_pat
     np.testing.assert_array_equal(x, y)
 
 
-def test_checksums_are_recorded_and_verified(tmp_path, data_dir):
+def test_checksums_are_recorded_and_verified(tmp_path, data_dir, caplog):
   from samjax.train import checkpoint as checkpoint_lib
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny_digits_config(data_dir, 'sgd', steps=8), workdir)
-  record = os.path.join(workdir, 'checkpoints', '8', checkpoint_lib.CHECKSUM_FILE)
-  with open(record) as f:
-    assert len(json.load(f)['sha256']) == 64
+  step_dir = os.path.join(workdir, 'checkpoints', '8')
+  # An item of the same orbax save as the state, so finalised with it.
+  assert os.path.isdir(os.path.join(step_dir, checkpoint_lib.CHECKSUM_ITEM))
+  digest = checkpoint_lib.recorded_checksum(step_dir)
+  assert len(digest) == 64
   *_, step = train.load_run(workdir)  # verifies the checksum of what it restores
   assert step == 8 and not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
+  # A record in the side file of earlier versions is still verified (and no warning).
+  shutil.rmtree(os.path.join(step_dir, checkpoint_lib.CHECKSUM_ITEM))
+  legacy_record = os.path.join(step_dir, checkpoint_lib.LEGACY_CHECKSUM_FILE)
+  with open(legacy_record, 'w') as f:
+    json.dump({'sha256': digest}, f)
+  with caplog.at_level('WARNING'):
+    *_, step = train.load_run(workdir)
+  assert step == 8 and 'unverified' not in caplog.text
+  with open(legacy_record, 'w') as f:
+    json.dump({'sha256': '0' * 64}, f)
+  with pytest.raises(ValueError, match='no readable checkpoint'):
+    train.load_run(workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))[0].startswith('8.')
+
+
+def test_a_wrong_recorded_checksum_quarantines_the_checkpoint(tmp_path, data_dir):
+  from samjax.train import checkpoint as checkpoint_lib
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_digits_config(data_dir, 'sgd', steps=8), workdir)
+  item = os.path.join(workdir, 'checkpoints', '8', checkpoint_lib.CHECKSUM_ITEM)
+  record = os.path.join(item, 'metadata')  # orbax JsonCheckpointHandler's file name
+  assert os.path.isfile(record)
   with open(record, 'w') as f:
     json.dump({'sha256': '0' * 64}, f)
   with pytest.raises(ValueError, match='no readable checkpoint'):
@@ -289,3 +314,29 @@ def test_a_rerun_may_change_the_placement_but_not_the_data():
     config.data.augment = True
     with pytest.raises(ValueError, match=r'fields data\.augment differ'):
       workdir_lib.check_rerun(path, config)
+
+
+def test_a_checkpoint_without_a_checksum_record_restores_unverified_and_resumes(
+    tmp_path, data_dir, caplog):
+  from samjax.train import checkpoint as checkpoint_lib
+  def config(steps):
+    c = tiny_digits_config(data_dir, 'sgd', steps=steps)
+    c.checkpoint_every_steps = 4
+    c.optimizer.schedule = 'constant'  # so that a run lengthened from 8 to 16 steps is the same
+    return c
+  straight = str(tmp_path / 'straight')
+  expected = train.train_and_evaluate(config(16), straight)
+  workdir = str(tmp_path / 'legacy')
+  train.train_and_evaluate(config(8), workdir)
+  # As saved before samjax recorded checksums: the finalised step holds the state only.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '8', checkpoint_lib.CHECKSUM_ITEM))
+  with caplog.at_level('WARNING'):
+    result = train.train_and_evaluate(config(16), workdir)
+  unverified = [r.getMessage() for r in caplog.records
+                if 'no checksum recorded: restored unverified' in r.getMessage()]
+  assert len(unverified) == 1 and 'step 8' in unverified[0], caplog.text
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
+  assert read_metrics(workdir) == read_metrics(straight)
+  assert result == expected
+  for x, y in zip(jax.tree.leaves(restore_params(straight)), jax.tree.leaves(restore_params(workdir))):
+    np.testing.assert_array_equal(x, y)

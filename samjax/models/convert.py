@@ -26,6 +26,7 @@ listing every offending key.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from typing import Any, Mapping
@@ -34,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 from flax.core import unfreeze
 
+from samjax.io_utils import atomic_write
 from samjax.models.resnet import ResNet18
 
 _COLLECTIONS = ('params', 'batch_stats')
@@ -70,7 +73,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as npz:
+    # Read whole through epath (a local path or gs://...): np.load needs a seekable file.
+    with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as npz:
       state_dict = {key: npz[key] for key in npz.files}
   else:
     state_dict = _load_torch_state_dict(path)
@@ -90,7 +94,7 @@ def save_npz_from_state_dict(state_dict_path: str | os.PathLike,
   npz_path = os.fspath(npz_path)
   if not npz_path.endswith('.npz'):
     npz_path += '.npz'
-  np.savez(npz_path, **state_dict)
+  atomic_write(npz_path, lambda f: np.savez(f, **state_dict), binary=True)  # local or gs://
   return npz_path
 
 
@@ -103,7 +107,8 @@ def _load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         '(or `pip install samjax[test]`), or convert the file once where torch is installed with '
         'samjax.models.save_npz_from_state_dict(path, "weights.npz") and load the .npz instead.'
     ) from error
-  loaded = torch.load(path, map_location='cpu', weights_only=True)
+  loaded = torch.load(io.BytesIO(epath.Path(path).read_bytes()), map_location='cpu',
+                      weights_only=True)  # through epath: a local path or gs://...
   if isinstance(loaded, Mapping) and isinstance(loaded.get('state_dict'), Mapping):
     loaded = loaded['state_dict']
   if not isinstance(loaded, Mapping):

@@ -369,8 +369,9 @@ def enable_compilation_cache(directory: str) -> Optional[str]:
     return jax.config.jax_compilation_cache_dir
   if not directory:
     return None
-  directory = os.path.abspath(os.path.expanduser(directory))
-  os.makedirs(directory, exist_ok=True)
+  if '://' not in directory:  # JAX's cache also takes a URL (gs://...), which abspath would mangle
+    directory = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(directory, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -1,17 +1,26 @@
 """Checkpoints: an orbax ``CheckpointManager`` in ``<workdir>/checkpoints`` and a restore that
 falls back to the previous checkpoint when the newest cannot be read or does not verify.
 
-Every checkpoint records the SHA-256 of its array data (``<step>/samjax_checksum.json``,
-written after orbax finished the step); a restore recomputes it from the restored arrays and
-treats a mismatch, or a missing record, like an unreadable checkpoint: quarantined, with a
-warning naming it, and the previous checkpoint used. Silent byte flips therefore never reach
-training.
+Every checkpoint records the SHA-256 of its array data as a second item of the same orbax save
+(``<step>/samjax_checksum/``, beside the state in ``<step>/default/``). orbax finalises a step
+only after all of its items are written (a rename of the temporary folder on a local disk, a
+commit marker on gs://), so a finalised checkpoint saved by samjax always holds its record. A
+restore recomputes the checksum from the restored arrays and treats a mismatch like an
+unreadable checkpoint: quarantined, with a warning naming it, and the previous checkpoint used.
+Silent byte flips therefore never reach training.
+
+A finalised checkpoint without a record was therefore saved by an older samjax: before
+checksums existed, or by the versions that wrote the record as a side file after finalisation
+(``<step>/samjax_checksum.json``) when a run was stopped in between. Its arrays are the ones
+orbax finalised; it is restored unverified, with one warning naming it. A record in that side
+file is still verified.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import json
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -22,12 +31,65 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from samjax.io_utils import atomic_write_json
+from samjax.io_utils import read_json
 from samjax.train import workdir as workdir_lib
 from samjax.train.evaluate import to_host
 
+# How long a failed orbax operation's event loop waits for its other in-flight writes before it
+# is closed anyway (they fail fast on a full disk; on gs:// tensorstore's own retries bound them).
+DRAIN_SECONDS = 120.0
+
 QUARANTINE = 'checkpoints_unreadable'
-CHECKSUM_FILE = 'samjax_checksum.json'
+# orbax's name for a single-item checkpoint's folder: the state keeps it, so that checkpoints
+# saved before the checksum item existed restore unchanged.
+STATE_ITEM = 'default'
+CHECKSUM_ITEM = 'samjax_checksum'  # <step>/samjax_checksum/: a JSON item {'sha256': ...}
+LEGACY_CHECKSUM_FILE = 'samjax_checksum.json'  # the side file of earlier samjax versions
+
+
+def _run_sync_draining(coro):
+  """orbax's ``_run_sync_via_new_loop``, but the loop outlives the writes it started.
+
+  orbax runs each save in a fresh event loop that it closes as soon as the coroutine ends. When
+  one tensorstore write fails (``No space left on device``) ``asyncio.gather`` raises at once
+  while the other writes are still in flight; when they finish, tensorstore's completion
+  callbacks call ``loop.call_soon_threadsafe`` on the closed loop from its own threads and the
+  ``RuntimeError: Event loop is closed`` tracebacks are printed from C++ (sys.excepthook,
+  threading.excepthook and logging filters did not catch them). Here, after the coroutine ends, the loop keeps running until every task it still holds
+  has finished (bounded by ``DRAIN_SECONDS``), so every callback reaches a live loop; only then is
+  it closed. A successful save has no pending tasks: nothing changes for it.
+  """
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  finally:
+    try:
+      pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+      if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=DRAIN_SECONDS))
+        for task in pending:  # their failures repeat the one already raised: mark them seen
+          if task.done() and not task.cancelled():
+            task.exception()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+      asyncio.set_event_loop(None)
+      loop.close()
+
+
+def _install_draining_loops() -> None:
+  """Replaces orbax's private per-call loop runner (orbax-checkpoint 0.11-0.12 name it
+  ``asyncio_utils._run_sync_via_new_loop``); left alone if a version has no such function.
+  tests/test_reliability.py::test_a_full_disk_is_one_line_and_exit_74 checks the effect."""
+  try:
+    from orbax.checkpoint._src import asyncio_utils  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  if callable(getattr(asyncio_utils, '_run_sync_via_new_loop', None)):
+    asyncio_utils._run_sync_via_new_loop = _run_sync_draining  # pylint: disable=protected-access
+
+
+_install_draining_loops()
 
 
 def checksum(state) -> str:
@@ -44,11 +106,27 @@ class ChecksumMismatch(ValueError):
   """A restored checkpoint's arrays differ from the ones saved."""
 
 
-def _verify(directory: epath.Path, step: int, state) -> None:
-  record = epath.Path(directory) / str(step) / CHECKSUM_FILE
-  if not record.exists():
-    raise ChecksumMismatch(f'no {CHECKSUM_FILE} (saving was interrupted before it was recorded)')
-  expected = json.loads(record.read_text())['sha256']
+def recorded_checksum(step_dir: epath.Path) -> Optional[str]:
+  """The SHA-256 recorded when the checkpoint in ``step_dir`` was saved, or None if none was."""
+  step_dir = epath.Path(step_dir)
+  if (step_dir / CHECKSUM_ITEM).exists():
+    record = ocp.JsonCheckpointHandler().restore(step_dir / CHECKSUM_ITEM, ocp.args.JsonRestore())
+  elif (step_dir / LEGACY_CHECKSUM_FILE).exists():
+    record = read_json(step_dir / LEGACY_CHECKSUM_FILE)
+  else:
+    return None
+  return record['sha256']
+
+
+def _verify(step_dir: epath.Path, step: int, state) -> None:
+  """Raises ChecksumMismatch if ``state`` differs from what was saved; warns if unrecorded."""
+  expected = recorded_checksum(step_dir)
+  if expected is None:
+    # Finalised without the record: saved before samjax recorded checksums (the record is part
+    # of the same atomic save now), so there is nothing to compare, not evidence of damage.
+    logging.warning('checkpoint at step %d (%s): no checksum recorded: restored unverified '
+                    '(saved before samjax recorded checksums)', step, step_dir)
+    return
   if checksum(state) != expected:
     raise ChecksumMismatch('array data do not match the checksum recorded at save')
 
@@ -56,7 +134,33 @@ def _verify(directory: epath.Path, step: int, state) -> None:
 def manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(epath.Path(workdir) / workdir_lib.CHECKPOINTS, options=options)
+  return ocp.CheckpointManager(
+      epath.Path(workdir) / workdir_lib.CHECKPOINTS, options=options,
+      item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                     CHECKSUM_ITEM: ocp.JsonCheckpointHandler()})
+
+
+def _restore_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
+  """The state item of step ``step`` (its checksum item, if any, is read by ``_verify``)."""
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+  return restored[STATE_ITEM]
+
+
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+  """Moves the folder ``source`` to ``target``: one rename on a local disk; on an object store
+  (gs://), where a folder is only a name prefix and renaming it fails (HTTP 404: there is no
+  folder object), every object is copied first and the source deleted only after all copies
+  exist, so an interruption never loses data (the source, still there, is moved again later)."""
+  if '://' not in os.fspath(source):
+    source.rename(target)
+    return
+  for root, _, files in source.walk():
+    for name in files:
+      destination = target / (root / name).relative_to(source)
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      (root / name).copy(destination, overwrite=True)
+  source.rmtree()
 
 
 def _quarantine(directory: epath.Path, steps: list[int]) -> None:
@@ -65,7 +169,7 @@ def _quarantine(directory: epath.Path, steps: list[int]) -> None:
   target_root.mkdir(parents=True, exist_ok=True)
   for step in steps:
     target = target_root / f'{step}.{int(time.time())}'
-    (directory / str(step)).rename(target)
+    _move_tree(directory / str(step), target)
     logging.warning('moved the unreadable checkpoint of step %d to %s', step, target)
 
 
@@ -79,8 +183,8 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state) -> tuple[Optional
   restored, restored_step = None, 0
   for step in steps:
     try:
-      restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-      _verify(epath.Path(mgr.directory), step, restored)
+      restored = _restore_state(mgr, step, abstract_state)
+      _verify(epath.Path(mgr.directory) / str(step), step, restored)
       restored_step = step
       break
     except Exception as e:  # pylint: disable=broad-except  # truncated or corrupt: try older
@@ -106,19 +210,22 @@ def restore_step(mgr: ocp.CheckpointManager, abstract_state, step: int):
   if step not in mgr.all_steps():
     raise ValueError(f'{mgr.directory}: no checkpoint at step {step}; saved steps: '
                      f'{sorted(mgr.all_steps())}.')
-  state = mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  _verify(epath.Path(mgr.directory), step, state)
+  state = _restore_state(mgr, step, abstract_state)
+  _verify(epath.Path(mgr.directory) / str(step), step, state)
   return state
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state) -> None:
-  """Saves ``state`` at ``step`` and records its checksum (process 0)."""
+  """Saves ``state`` at ``step`` with its checksum, as two items of one orbax save.
+
+  One save, so orbax's finalisation covers both: no finalised step lacks its record (orbax
+  writes JSON items from process 0 only; every process computes the same digest).
+  """
   digest = checksum(state)
-  mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+  mgr.save(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(state),
+      CHECKSUM_ITEM: ocp.args.JsonSave({'sha256': digest})}), force=True)
   mgr.wait_until_finished()
-  if jax.process_index() == 0:
-    atomic_write_json(epath.Path(mgr.directory) / str(step) / CHECKSUM_FILE, {'sha256': digest})
-  multihost_utils.sync_global_devices('samjax_checkpoint_checksum')
 
 
 def _finite(tree) -> bool:
@@ -131,7 +238,7 @@ def newest_finite_step(mgr: ocp.CheckpointManager, abstract_state,
   """The newest of ``steps`` whose parameters and statistics are all finite (None if none)."""
   for step in sorted(steps, reverse=True):
     try:
-      state = mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      state = _restore_state(mgr, step, abstract_state)
     except Exception:  # pylint: disable=broad-except  # unreadable: try an older one
       continue
     if _finite((state.params, state.batch_stats)):
@@ -141,13 +248,13 @@ def newest_finite_step(mgr: ocp.CheckpointManager, abstract_state,
 
 def is_checkpoint(path: epath.Path) -> bool:
   """A samjax checkpoint folder (``<workdir>/checkpoints/<step>``)."""
-  return path.is_dir() and (path / 'default').exists()
+  return path.is_dir() and (path / STATE_ITEM).exists()
 
 
 def restore_variables(path: epath.Path, abstract_state) -> dict:
   """``{'params', 'batch_stats'}`` of the samjax checkpoint at ``path`` (its optimizer state is
   not used: a run initialised from it starts its own)."""
   path = epath.Path(path)
-  state = ocp.StandardCheckpointer().restore(path / 'default', abstract_state)
-  _verify(path.parent, int(path.name), state)
+  state = ocp.StandardCheckpointer().restore(path / STATE_ITEM, abstract_state)
+  _verify(path, int(path.name), state)
   return {'params': state.params, 'batch_stats': state.batch_stats}

@@ -181,7 +181,7 @@ class DomainBed(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, root: epath.Path, domain_index: int,
                          files: list[tuple[int, epath.Path]]) -> Iterator:
     for label, path in files:
-      relative = os.path.relpath(os.fspath(path), os.fspath(root))
+      relative = str(path.relative_to(root))  # epath: also under gs://
       yield relative, {
           'image': os.fspath(path),
           'label': label,
