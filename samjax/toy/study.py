@@ -381,8 +381,9 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
               progress: bool = True) -> StudyOutputs:
   """Trains every run; one compiled (init, chunk) pair per (program, batch size).
 
-  The groups' initial states are made first; each group's chunk program is
-  then compiled and run in a thread of its own (XLA compiles and runs without
+  Data and initial parameters of every run are made first (one program); each
+  group's initial optimiser state is then made, its chunk program compiled and
+  its runs trained in a thread of its own (XLA compiles and runs without
   holding the GIL, and the groups are independent), so the groups share the
   host's cores.
 
@@ -398,14 +399,7 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
   # one call (one compilation) for every run.
   all_params, all_data = toy_train.compiled_params_and_data(
       train_setup(config, 'lsam', int(config.batch_size)))(run_specs(rows))
-  groups = []
-  for (program, batch_size), indices in _group_rows(rows).items():
-    setup = train_setup(config, program, batch_size)
-    take = lambda tree, where=np.asarray(indices): jax.tree.map(lambda a: a[where], tree)
-    specs = run_specs([rows[i] for i in indices])
-    state, run_data = toy_train.init_state_batch(take(all_params), specs, setup), take(all_data)
-    chunk = toy_train.compiled_chunk(setup, eval_every)
-    groups.append((program, batch_size, indices, specs, state, run_data, chunk))
+  groups = list(_group_rows(rows).items())
   per_run: list[Any] = [None] * len(rows)
   bar = tqdm(total=len(rows) * num_steps, unit='step', unit_scale=True, disable=not progress,
              desc='toy study', dynamic_ncols=True)
@@ -415,8 +409,12 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
     programs on about one core, so groups running side by side use the machine's other cores
     (and one group's compilation overlaps another's training). Each group's arithmetic is the
     same program on the same inputs as when run alone: results are bitwise the same."""
-    program, batch_size, indices, specs, state, run_data, chunk = group
-    chunk = chunk.lower(state, run_data, specs).compile()
+    (program, batch_size), indices = group
+    setup = train_setup(config, program, batch_size)
+    take = lambda tree, where=np.asarray(indices): jax.tree.map(lambda a: a[where], tree)
+    specs = run_specs([rows[i] for i in indices])
+    state, run_data = toy_train.init_state_batch(take(all_params), specs, setup), take(all_data)
+    chunk = toy_train.compiled_chunk(setup, eval_every).lower(state, run_data, specs).compile()
     results = []
     for _ in range(num_chunks):
       state, result = chunk(state, run_data, specs)
@@ -435,7 +433,8 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
                     train_x[g], train_y[g])
 
   with bar, concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
-    bar.set_postfix_str(', '.join(f'{g[0]} batch {g[1]}: {len(g[2])} runs' for g in groups))
+    bar.set_postfix_str(', '.join(f'{program} batch {batch_size}: {len(indices)} runs'
+                                  for (program, batch_size), indices in groups))
     for future in [pool.submit(compile_and_train, g) for g in groups]:
       future.result()  # re-raises a group's error here
   stats, snapshots, evaluations, params, train_x, train_y = zip(*per_run)
