@@ -78,13 +78,14 @@ def _verdict(name: str, value: Optional[float], where: str) -> dict[str, Any]:
   return dict(row, verdict='PASS' if ok else 'MISS')
 
 
+GOAL_VALUES = {'steps': steps.goal_values, 'toy': toy.goal_values, 'grids': grids.goal_values,
+               'per_example': per_example.goal_values, 'pipeline': input_section.goal_values}
+
+
 def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-  values = (steps.goal_values(results.get('steps'))
-            + toy.goal_values(results.get('toy'))
-            + grids.goal_values(results.get('grids'))
-            + per_example.goal_values(results.get('per_example'))
-            + input_section.goal_values(results.get('pipeline')))
-  return [_verdict(*v) for v in values]
+  """Verdicts of the goals of the sections that ran (a failed section's: NOT MEASURED)."""
+  return [_verdict(*v) for section, values in GOAL_VALUES.items() if section in results
+          for v in values(results[section])]
 
 
 def format_report(results: dict[str, Any]) -> str:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import timing
 from bench.sizes import Size
 
 
 def bench_grids(size: Size) -> dict[str, Any]:
   import grid_train  # pylint: disable=g-import-not-at-top  (experiments/ is on sys.path)
   recipe = grid_train.Recipe(method='sam', num_steps=size.grid_steps, batch_size=32)
+  timing.log(f'[grids] {size.grid_points} SAM points x {size.grid_steps} steps, vmapped vs '
+             'one at a time')
   numbers = grid_train.measure_grid_throughput(num_points=size.grid_points, recipe=recipe,
                                                repeats=size.reps)
   return {'status': 'ok', **numbers}

@@ -109,9 +109,10 @@ def sweep_comparison(size: Size) -> dict[str, Any]:
              'at a time, compilation included')
   samples = timing.interleaved({'vmapped': vmapped, 'one_at_a_time': one_at_a_time},
                                size.toy_reps, 1)
-  # Warm: the last cold sample left the one-run programs compiled; compile the all-runs ones
-  # again once.
+  # Warm: compile both contenders' programs once more first (which one the last cold sample
+  # left compiled depends on the parity of toy_reps), so no warm sample pays a compilation.
   vmapped(None, cold=False)
+  one_at_a_time(None, cold=False)
   warm = timing.interleaved({'vmapped': functools.partial(vmapped, cold=False),
                              'one_at_a_time': functools.partial(one_at_a_time, cold=False)},
                             max(size.toy_reps, 1), 1)
