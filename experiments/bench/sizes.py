@@ -57,7 +57,7 @@ class Size:
   toy_steps: int                     # steps per run
   toy_chunk: int                     # steps per compiled chunk (config.eval_every)
   toy_reps: int
-  toy_main_overrides: tuple          # --config.KEY=VALUE flags of the timed main job (): the real one
+  toy_main_overrides: tuple          # --config.KEY=VALUE of the timed main job; (): the real job
   grid_points: int                   # grids section: lr x rho x seed points
   grid_steps: int
   pex_model: ModelCase               # per-example-gradient model and batch

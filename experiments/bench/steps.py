@@ -34,7 +34,8 @@ NUM_TRAIN_STEPS = 10_000
 
 
 class _Config(dict):
-  """The slice of ``ml_collections.ConfigDict`` that samjax.train.optim reads (``.get``, attributes)."""
+  """The slice of ``ml_collections.ConfigDict`` that samjax.train.optim reads (``.get``,
+  attributes)."""
 
   def __getattr__(self, name):
     try:
@@ -198,7 +199,8 @@ def report_lines(steps: dict, scaling: dict, reps: int) -> list[str]:
                    f"{c['images_per_s']:>9.0f}{c['compile_s']:>10.1f}"
                    f"{c['hlo']['convolutions']:>7d}{c['hlo']['dots']:>6d}{flops:>9.3f}")
     for k, v in r['ratios'].items():
-      lines.append(f"  {k:<22} {v['ratio_of_medians']:.3f}  (paired {v['median_paired_ratio']:.3f})")
+      lines.append(f"  {k:<22} {v['ratio_of_medians']:.3f}  "
+                   f"(paired {v['median_paired_ratio']:.3f})")
   sc = scaling or {}
   if 'devices' in sc:
     lines.append(f"\n[scaling] SAM, {sc['label']}, global batch fixed, {sc['platform']} devices "
