@@ -11,6 +11,8 @@ x noise settings) is the sweep. The constants of the data and the training
 (whose values the paper lost) are documented in ``docs/toy.md``.
 """
 
+import os
+
 import ml_collections
 
 
@@ -74,8 +76,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sensitivity_steps = ()
 
   # Persistent XLA compilation cache ('' = off): a second run of a study loads
-  # its compiled programs instead of compiling them (docs/toy.md).
-  config.compilation_cache_dir = '~/.cache/samjax/jax'
+  # its compiled programs instead of compiling them (docs/toy.md). Under
+  # $XDG_CACHE_HOME when set (else ~/.cache), so that a fresh XDG_CACHE_HOME
+  # really starts cold: a fixed ~/.cache path made such "cold" runs warm.
+  config.compilation_cache_dir = os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or '~/.cache', 'samjax', 'jax')
 
   if arg in (None, '', 'main'):
     return config

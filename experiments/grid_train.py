@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
+import statistics
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -192,9 +192,11 @@ def measure_grid_throughput(num_points: int = 8, recipe: Optional[Recipe] = None
 
   Both sides train the same points on the same data (:func:`synthetic_task`). "Sequential"
   compiles :func:`compiled_point_trainer` once and calls it per point; "vmapped" compiles
-  :func:`compiled_grid_trainer` once and calls it on the whole grid. Warm times are the best of
-  ``repeats`` further calls.
+  :func:`compiled_grid_trainer` once and calls it on the whole grid. Cold: the first call of
+  each (its compilation included); warm: the median of ``repeats`` further calls of each, taken
+  round-robin by the benchmark's shared timing method (``experiments/bench/timing.py``).
   """
+  from bench import timing  # pylint: disable=g-import-not-at-top  (experiments/ is on sys.path)
   recipe = recipe or Recipe(method='sam', num_steps=50, batch_size=32)
   images, labels = synthetic_task(num_examples)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
@@ -202,20 +204,16 @@ def measure_grid_throughput(num_points: int = 8, recipe: Optional[Recipe] = None
   rhos = np.linspace(0.0, 0.1, num_points).astype(np.float32)
   seeds = np.arange(num_points, dtype=np.uint32)
 
-  def timed(fn):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
   grid = compiled_grid_trainer(recipe)
   point = compiled_point_trainer(recipe)
   run_grid = lambda: train_grid(recipe, images, labels, lrs, rhos, seeds, trainer=grid)
   run_points = lambda: [train_point(recipe, images, labels, lr, rho, seed, trainer=point)
                         for lr, rho, seed in zip(lrs, rhos, seeds)]
-  vmapped_cold = timed(run_grid)
-  sequential_cold = timed(run_points)
-  vmapped_warm = min(timed(run_grid) for _ in range(repeats))
-  sequential_warm = min(timed(run_points) for _ in range(repeats))
+  _, vmapped_cold = timing.timed(run_grid)
+  _, sequential_cold = timing.timed(run_points)
+  warm = timing.interleaved({'vmapped': timing.repeat_runner(run_grid),
+                             'sequential': timing.repeat_runner(run_points)}, repeats, 1)
+  vmapped_warm, sequential_warm = (statistics.median(warm[k]) for k in ('vmapped', 'sequential'))
   return {
       'num_points': num_points, 'method': recipe.method, 'num_steps': recipe.num_steps,
       'batch_size': recipe.batch_size, 'width': recipe.width,

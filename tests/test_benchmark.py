@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'experiments', 'benchmark.py')
-SECTIONS = ('steps', 'scaling', 'toy', 'per_example', 'pipeline')
+SECTIONS = ('steps', 'scaling', 'toy', 'grids', 'per_example', 'pipeline', 'input')
 STEP_CONTENDERS = ('sgd', 'sam', 'optax_sam', 'lsam', 'asam', 'sam_diagnostics')
 
 
@@ -82,6 +82,14 @@ def test_toy_and_per_example_sections(report):
     _timings(toy['contenders'][name]['samples_s'], name)
     _positive_finite(toy['contenders'][name]['run_steps_per_s'], name)
   _positive_finite(toy['speedup'], 'toy speedup')
+  for key in ('warm_speedup', 'cold_s', 'warm_s'):
+    _positive_finite(toy[key], key)
+  for name in ('vmapped', 'one_at_a_time'):
+    _positive_finite(toy['contenders'][name]['execute_s'], (name, 'execute_s'))
+    # cold minus warm medians: finite; its sign is whatever a busy machine's noise makes it
+    assert math.isfinite(toy['contenders'][name]['compile_s']), name
+  # the main job really ran and filled its cache for the warm run
+  assert toy['main_job']['cold_cache_entries'] > 0
   pex = results['per_example']
   for name in ('chunked', 'unchunked'):
     _timings(pex['contenders'][name]['samples_s'], name)
@@ -90,6 +98,15 @@ def test_toy_and_per_example_sections(report):
     assert memory['available'], memory
     _positive_finite(memory['peak_estimate_bytes'], name)
   assert pex['norms_max_abs_diff'] < 1e-3
+
+
+def test_grids_section(report):
+  grids = report[0]['grids']
+  assert grids.get('status') == 'ok', grids.get('traceback')
+  for key in ('vmapped_points_per_s_cold', 'sequential_points_per_s_cold',
+              'vmapped_points_per_s_warm', 'sequential_points_per_s_warm',
+              'vmapped_over_sequential_cold', 'vmapped_over_sequential_warm'):
+    _positive_finite(grids[key], key)
 
 
 def test_pipeline_section(report):
@@ -101,10 +118,30 @@ def test_pipeline_section(report):
     _positive_finite(r['step_images_per_s'], name)
 
 
+def test_input_section_times_the_resident_split_against_a_preplaced_batch(report):
+  section = report[0]['input']
+  assert set(section['contenders']) == {'preplaced', 'device', 'device_inputs_preplaced'}
+  for name, c in section['contenders'].items():
+    _timings(c['samples_s'], name)
+  ratio = section['device_over_preplaced']
+  _positive_finite(ratio, 'device_over_preplaced')
+  assert ratio == (section['contenders']['device']['median_s']
+                   / section['contenders']['preplaced']['median_s'])
+
+
 def test_goals_are_reported_with_verdicts(report):
   goals = report[0]['goals']
   names = {g['goal'] for g in goals}
   assert {'sam_vs_optax_sam', 'sam_vs_sgd', 'lsam_vs_sgd', 'diagnostics_overhead',
-          'toy_vmap_speedup', 'per_example_bounded_memory', 'pipeline_vs_step'} <= names
+          'toy_vmap_speedup', 'toy_cold_s', 'toy_warm_s', 'per_example_bounded_memory',
+          'pipeline_vs_step', 'device_over_preplaced'} <= names
   for g in goals:
     assert g['verdict'] in ('PASS', 'MISS', 'NOT MEASURED'), g
+  measured = {g['goal'] for g in goals if g['verdict'] != 'NOT MEASURED'}
+  assert {'toy_vmap_speedup', 'toy_cold_s', 'toy_warm_s', 'device_over_preplaced'} <= measured
+
+
+def test_load_average_is_recorded(report):
+  meta = report[0]['meta']
+  for key in ('load_average_start', 'load_average_end'):
+    assert len(meta[key]) == 3 and all(math.isfinite(x) for x in meta[key]), key

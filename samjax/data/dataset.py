@@ -120,7 +120,8 @@ class FeatureDataset:
     scale, offset = scale_and_offset(self.mean, self.std)
     if images_uint8.shape[-1] > 1:
       # Broadcasting a length-3 channel vector is 13-16x slower in numpy than full-image
-      # operands (experiments/benchmark.py, pipeline section); same values bit for bit.
+      # operands (the benchmark's pipeline section, experiments/bench/input.py); same values
+      # bit for bit.
       scale = np.ascontiguousarray(np.broadcast_to(scale, images_uint8.shape[1:]))
       offset = np.ascontiguousarray(np.broadcast_to(offset, images_uint8.shape[1:]))
     out = np.multiply(images_uint8, scale, dtype=np.float32)

@@ -382,9 +382,11 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
               progress: bool = True) -> StudyOutputs:
   """Trains every run; one compiled (init, chunk) pair per (program, batch size).
 
-  The groups' initial states are made first; their chunk programs are then
-  compiled concurrently in threads (XLA compiles without holding the GIL, and
-  the programs are independent), and run one group after the other.
+  Data and initial parameters of every run are made first (one program); each
+  group's initial optimiser state is then made, its chunk program compiled and
+  its runs trained in a thread of its own (XLA compiles and runs without
+  holding the GIL, and the groups are independent), so the groups share the
+  host's cores.
 
   Args:
     config: a validated config.
@@ -398,38 +400,44 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
   # one call (one compilation) for every run.
   all_params, all_data = toy_train.compiled_params_and_data(
       train_setup(config, 'lsam', int(config.batch_size)))(run_specs(rows))
-  groups = []
-  for (program, batch_size), indices in _group_rows(rows).items():
+  groups = list(_group_rows(rows).items())
+  per_run: list[Any] = [None] * len(rows)
+  bar = tqdm(total=len(rows) * num_steps, unit='step', unit_scale=True, disable=not progress,
+             desc='toy study', dynamic_ncols=True)
+
+  def compile_and_train(group) -> None:
+    """One group, start to end, in its own thread: XLA:CPU runs each of these small vmapped
+    programs on about one core, so groups running side by side use the machine's other cores
+    (and one group's compilation overlaps another's training). Each group's arithmetic is the
+    same program on the same inputs as when run alone: results are bitwise the same."""
+    (program, batch_size), indices = group
     setup = train_setup(config, program, batch_size)
     take = lambda tree, where=np.asarray(indices): jax.tree.map(lambda a: a[where], tree)
     specs = run_specs([rows[i] for i in indices])
     state, run_data = toy_train.init_state_batch(take(all_params), specs, setup), take(all_data)
-    chunk = toy_train.compiled_chunk(setup, eval_every)
-    groups.append((program, batch_size, indices, specs, state, run_data, chunk))
-  with concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
-    compiled = list(pool.map(lambda g: g[-1].lower(g[4], g[5], g[3]).compile(), groups))
-  per_run: list[Any] = [None] * len(rows)
-  bar = tqdm(total=len(rows) * num_steps, unit='step', unit_scale=True, disable=not progress,
-             desc='toy study', dynamic_ncols=True)
-  with bar:
-    for (program, batch_size, indices, specs, state, run_data, _), chunk in zip(groups, compiled):
-      bar.set_postfix_str(f'{program} batch {batch_size}: {len(indices)} runs')
-      results = []
-      for _ in range(num_chunks):
-        state, result = chunk(state, run_data, specs)
-        results.append(jax.device_get(result))
-        bar.update(len(indices) * eval_every)
-      stats = _stack([r.stats for r in results], axis=1)                  # [G, T]
-      snapshots = jax.tree.map(lambda *a: np.stack(a, axis=1),
-                               *[r.snapshot for r in results])            # [G, S, N]
-      evaluations = jax.tree.map(lambda *a: np.stack(a, axis=1),
-                                 *[r.evaluation for r in results])        # [G, S]
-      params = jax.device_get(state.params)
-      train_x, train_y = np.asarray(run_data.train_x), np.asarray(run_data.train_y)
-      for g, i in enumerate(indices):
-        take = lambda tree, g=g: jax.tree.map(lambda a: a[g], tree)
-        per_run[i] = (take(stats), take(snapshots), take(evaluations), take(params),
-                      train_x[g], train_y[g])
+    chunk = toy_train.compiled_chunk(setup, eval_every).lower(state, run_data, specs).compile()
+    results = []
+    for _ in range(num_chunks):
+      state, result = chunk(state, run_data, specs)
+      results.append(jax.device_get(result))
+      bar.update(len(indices) * eval_every)
+    stats = _stack([r.stats for r in results], axis=1)                  # [G, T]
+    snapshots = jax.tree.map(lambda *a: np.stack(a, axis=1),
+                             *[r.snapshot for r in results])            # [G, S, N]
+    evaluations = jax.tree.map(lambda *a: np.stack(a, axis=1),
+                               *[r.evaluation for r in results])        # [G, S]
+    params = jax.device_get(state.params)
+    train_x, train_y = np.asarray(run_data.train_x), np.asarray(run_data.train_y)
+    for g, i in enumerate(indices):
+      take = lambda tree, g=g: jax.tree.map(lambda a: a[g], tree)
+      per_run[i] = (take(stats), take(snapshots), take(evaluations), take(params),
+                    train_x[g], train_y[g])
+
+  with bar, concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+    bar.set_postfix_str(', '.join(f'{program} batch {batch_size}: {len(indices)} runs'
+                                  for (program, batch_size), indices in groups))
+    for future in [pool.submit(compile_and_train, g) for g in groups]:
+      future.result()  # re-raises a group's error here
   stats, snapshots, evaluations, params, train_x, train_y = zip(*per_run)
   stack0 = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
   return StudyOutputs(rows=rows, eval_steps=eval_every * np.arange(1, num_chunks + 1),

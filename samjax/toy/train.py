@@ -539,5 +539,5 @@ def clear_compilation_caches() -> None:
   compiled_chunk.cache_clear()
 
 
-# experiments/benchmark.py clears the compiled programs through this name.
+# experiments/bench/toy.py clears the compiled programs through this name.
 compiled_sweep_fns.cache_clear = clear_compilation_caches
