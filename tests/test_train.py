@@ -6,6 +6,7 @@ import shutil
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -340,3 +341,25 @@ def test_a_checkpoint_without_a_checksum_record_restores_unverified_and_resumes(
   assert result == expected
   for x, y in zip(jax.tree.leaves(restore_params(straight)), jax.tree.leaves(restore_params(workdir))):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_checkpoint_saved_in_the_single_item_layout_of_earlier_versions_restores(tmp_path,
+                                                                                  caplog):
+  """As samjax saved before the checksum item: a manager without item handlers, StandardSave."""
+  from etils import epath
+  from samjax.train import checkpoint as checkpoint_lib
+  state = {'w': jnp.arange(6, dtype=jnp.float32).reshape(2, 3), 'step': jnp.int32(4)}
+  directory = tmp_path / 'checkpoints'
+  old = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False))
+  old.save(4, args=ocp.args.StandardSave(state))
+  old.wait_until_finished()
+  old.close()
+  mgr = checkpoint_lib.manager(epath.Path(tmp_path), keep=2)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  with caplog.at_level('WARNING'):
+    restored, step = checkpoint_lib.restore_latest(mgr, abstract)
+  assert step == 4
+  np.testing.assert_array_equal(restored['w'], state['w'])
+  assert 'no checksum recorded: restored unverified' in caplog.text
+  assert not (tmp_path / checkpoint_lib.QUARANTINE).exists()
