@@ -8,8 +8,10 @@ Figures 1-6 use the clean data at the first batch size of the sweep.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
+import jax
 import matplotlib
 
 matplotlib.use('Agg')
@@ -178,11 +180,32 @@ def figure_runs(config, outputs, records):
 
 def _save(fig, workdir: str, name: str) -> str:
   """Writes a figure laid out by ``tight_layout`` (not ``bbox_inches='tight'``, which
-  lays every figure out a second time: a third of the figures' cost)."""
+  lays every figure out a second time: a third of the figures' cost).
+
+  ``tight_layout`` leaves a placeholder layout engine on the figure, and
+  ``savefig`` draws a figure that has one twice (a dry run first, for the
+  engine's sake); dropping the engine once laid out skips that draw and leaves
+  the PNG unchanged.
+  """
+  fig.set_layout_engine(None)
   path = epath.Path(workdir) / name  # a local path or a URL (gs://)
   atomic_save_figure(fig, path, dpi=110)
   plt.close(fig)
   return str(path)
+
+
+@jax.jit
+def _lorenz_and_gini(weights):
+  """``diagnostics.lorenz_curve`` and ``diagnostics.gini`` of ``weights [n]``, under one
+  jit: eagerly they are a dozen small ops, each compiled on first use (Figs. 3, G)."""
+  fraction, share = diagnostics.lorenz_curve(weights)
+  return fraction, share, diagnostics.gini(weights)
+
+
+def _lorenz(weights) -> tuple[np.ndarray, np.ndarray, float]:
+  """``(fraction, share, gini)`` of ``weights`` on the host, for plotting."""
+  fraction, share, gini = jax.device_get(_lorenz_and_gini(weights))
+  return fraction, share, float(gini)
 
 
 def _complexity_colors(complexities):
@@ -205,6 +228,9 @@ def fig1_contours(config, outputs, records, workdir) -> Optional[str]:
   panels = [('SGD', chosen['sgd']), (f'LSAM rho={chosen["rho"]:g}', chosen['lsam'])]
   if chosen['noflip'] is not None:
     panels.append((chosen['noflip_label'], chosen['noflip']))
+  # One compiled program for every panel (eagerly: one compilation per op of the MLP).
+  features_of = jax.jit(
+      lambda params, x: model.apply({'params': params}, x, return_features=True)[1])
   fig, axes = plt.subplots(len(panels), 2, figsize=(9, 4.25 * len(panels)), squeeze=False)
   for row, (label, index) in enumerate(panels):
     evaluation = outputs.evaluations
@@ -215,8 +241,7 @@ def fig1_contours(config, outputs, records, workdir) -> Optional[str]:
       gx, gy = np.meshgrid(grid, grid)
       x = np.zeros((gx.size, 4), np.float32)
       x[:, 2 * k], x[:, 2 * k + 1] = gx.ravel(), gy.ravel()
-      _, features = model.apply({'params': outputs.params[index]}, x, return_features=True)
-      phi = np.asarray(features[:, k]).reshape(gx.shape)
+      phi = np.asarray(features_of(outputs.params[index], x))[:, k].reshape(gx.shape)
       scale = np.max(np.abs(phi)) or 1.0
       ax.contourf(gx, gy, phi, levels=21, cmap='RdBu_r', vmin=-scale, vmax=scale)
       ax.contour(gx, gy, phi, levels=[0.0], colors='k', linewidths=1.2)
@@ -327,8 +352,7 @@ def fig3_lorenz(config, outputs, records, workdir) -> Optional[str]:
   ]
   for ax, (title, curves) in zip(axes, panels):
     for label, weights, style in curves:
-      fraction, share = diagnostics.lorenz_curve(weights)
-      gini = float(diagnostics.gini(weights))
+      fraction, share, gini = _lorenz(weights)
       ax.plot(fraction, share, style, label=f'{label} (Gini {gini:.2f})')
     ax.plot([0, 1], [0, 1], color='gray', lw=0.8)
     ax.set_xlabel('fraction of training points (heaviest first)')
@@ -504,15 +528,20 @@ def importance_2d(outputs, indices: Sequence[int], num_bins: int = 12, snapshots
   late = slice(len(outputs.eval_steps) // 2, None) if snapshots is None else snapshots
   pool = lambda field: np.concatenate([getattr(snaps, field)[i, late].ravel() for i in indices])
   easy, hard = pool('contribution_easy'), pool('contribution_hard')
-  ranges = [tuple(np.quantile(v, [quantile, 1 - quantile])) for v in (easy, hard)]
+  ranges = [np.quantile(v, [quantile, 1 - quantile]) for v in (easy, hard)]
   medians = []
   for field in ('weight_real', 'weight_phantom'):
-    binned = diagnostics.binned_medians(easy, hard, pool(field), num_bins,
-                                        x_range=ranges[0], y_range=ranges[1])
+    binned = jax.device_get(_binned_medians(easy, hard, pool(field), *ranges, num_bins=num_bins))
     counts = np.asarray(binned.counts)
     medians.append(np.where(counts > 0, np.asarray(binned.medians, np.float64), np.nan))
   return (np.asarray(binned.x_edges), np.asarray(binned.y_edges), medians[0], medians[1],
           counts)
+
+
+@functools.partial(jax.jit, static_argnames='num_bins')
+def _binned_medians(x, y, weights, x_range, y_range, *, num_bins: int):
+  """``diagnostics.binned_medians`` under one jit (eagerly: some fifty compilations)."""
+  return diagnostics.binned_medians(x, y, weights, num_bins, x_range=x_range, y_range=y_range)
 
 
 def fig5_importance_2d(config, outputs, records, workdir) -> Optional[str]:
@@ -571,8 +600,7 @@ def figG_lorenz_over_time(config, outputs, records, workdir) -> Optional[str]:
         ('SGD model, real', snap(sgd, 'weight_real', k), '-'),
         ('LSAM model, real', snap(lsam, 'weight_real', k), ':'),
         ('LSAM model, phantom', snap(lsam, 'weight_phantom', k), '--')):
-      fraction, share = diagnostics.lorenz_curve(weights)
-      gini = float(diagnostics.gini(weights))
+      fraction, share, gini = _lorenz(weights)
       ax.plot(fraction, share, style, label=f'{label} (Gini {gini:.2f})')
     ax.plot([0, 1], [0, 1], color='gray', lw=0.8)
     ax.set_title(f'step {int(outputs.eval_steps[k])}', fontsize=10)
