@@ -233,3 +233,16 @@ def test_compilation_cache_is_written_and_read(tmp_path):
 def test_compilation_cache_off():
   before = study.jax.config.jax_compilation_cache_dir
   assert study.enable_compilation_cache('') == (before or None)
+
+
+def test_fig5_binned_medians_refuse_nan_under_jit_as_eagerly():
+  """The figure bins under one jit; a NaN weight must still stop it, not become a NaN cell."""
+  from samjax.toy import plots  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x, y, w = rng.random(50), rng.random(50), rng.random(50)
+  unit = np.array([0.0, 1.0])
+  binned = plots._binned_medians(x, y, w, unit, unit, num_bins=4)
+  assert int(np.sum(binned.counts)) == 50
+  w[3] = np.nan
+  with pytest.raises(ValueError, match='weights contains NaN'):
+    plots._binned_medians(x, y, w, unit, unit, num_bins=4)

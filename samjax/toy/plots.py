@@ -538,9 +538,18 @@ def importance_2d(outputs, indices: Sequence[int], num_bins: int = 12, snapshots
           counts)
 
 
-@functools.partial(jax.jit, static_argnames='num_bins')
 def _binned_medians(x, y, weights, x_range, y_range, *, num_bins: int):
-  """``diagnostics.binned_medians`` under one jit (eagerly: some fifty compilations)."""
+  """``diagnostics.binned_medians`` under one jit (eagerly: some fifty compilations).
+
+  Its NaN/inf check needs concrete inputs, so it is made here on the host, before the jit.
+  """
+  for name, v in (('x', x), ('y', y), ('weights', weights)):
+    diagnostics._check_finite(name, 'importance_2d', v)  # pylint: disable=protected-access
+  return _jitted_binned_medians(x, y, weights, x_range, y_range, num_bins=num_bins)
+
+
+@functools.partial(jax.jit, static_argnames='num_bins')
+def _jitted_binned_medians(x, y, weights, x_range, y_range, *, num_bins: int):
   return diagnostics.binned_medians(x, y, weights, num_bins, x_range=x_range, y_range=y_range)
 
 
