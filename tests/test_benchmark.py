@@ -120,7 +120,8 @@ def test_pipeline_section(report):
 
 def test_input_section_times_the_resident_split_against_a_preplaced_batch(report):
   section = report[0]['input']
-  assert set(section['contenders']) == {'preplaced', 'device', 'device_inputs_preplaced'}
+  assert set(section['contenders']) == {'preplaced', 'preplaced_f32', 'device',
+                                        'device_inputs_preplaced'}
   for name, c in section['contenders'].items():
     _timings(c['samples_s'], name)
   ratio = section['device_over_preplaced']

@@ -3,8 +3,10 @@
 The paper's conv net case (CIFAR-MNIST-shaped 64x32x3 images, batch 100, samjax SAM) on one
 device, three contenders timed round-robin by :func:`bench.timing.interleaved`:
 
-* ``preplaced``: the step fed a normalised float32 batch already on the device (the steps
-  section's setting: no input cost at all);
+* ``preplaced``: the same step (uint8 images, normalised inside it, as both placements train)
+  fed a uint8 batch already on the device: no input cost at all;
+* ``preplaced_f32``: the step without in-step normalisation fed a normalised float32 batch
+  already on the device (the steps section's setting);
 * ``device``: what training does with ``data.placement='device'``: per step the host draws the
   indices and crop/flip parameters (``TrainBatches.device_inputs``, augmentation on), makes them
   global arrays, and the step gathers, crops, flips and normalises the uint8 batch from the
@@ -12,8 +14,10 @@ device, three contenders timed round-robin by :func:`bench.timing.interleaved`:
 * ``device_inputs_preplaced``: the same step fed inputs already on the device (its on-device
   gather and augmentation alone, without the host's draws and transfer).
 
-``device_over_preplaced`` = ``device`` / ``preplaced`` (goal <= 1.05). The host pipeline's
-ratio to the step is the ``pipeline`` section.
+``device_over_preplaced`` = ``device`` / ``preplaced`` (goal <= 1.05): what device-resident
+input adds to the step. ``normalization_in_step`` = ``preplaced`` / ``preplaced_f32``: what
+normalising uint8 images inside the step costs (both placements do it; the host pipeline of
+the ``pipeline`` section too).
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ def _contenders(case: ModelCase, opt_name: str, num_examples: int, dtype: str) -
   mean, std = dataset_lib.normalization_constants('mean_pixel', split.images)
   batches = input_lib.TrainBatches(split, None, case.batch_size, seed=0, augment=True,
                                    normalize=False)
-  tx, preplaced_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh)
+  tx, f32_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh)
+  _, uint8_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
+                                           image_normalization=(mean, std))
   _, device_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
                                             image_normalization=(mean, std), device_data=True)
   sample = np.zeros((1, *case.image_shape), np.float32)
@@ -80,13 +86,15 @@ def _contenders(case: ModelCase, opt_name: str, num_examples: int, dtype: str) -
 
   host_batch = batches.batch_at(0)
   normalized = ((host_batch['image'] - mean) / std).astype(np.float32)
-  preplaced_batch = jax.device_put({**host_batch, 'image': normalized}, batch_sharding)
+  f32_batch = jax.device_put({**host_batch, 'image': normalized}, batch_sharding)
+  uint8_batch = jax.device_put(host_batch, batch_sharding)
   resident = input_lib.resident_split(split, mesh)
   to_global = lambda inputs: {k: jax.make_array_from_process_local_data(batch_sharding, v)
                               for k, v in inputs.items()}
   placed_inputs = to_global(batches.device_inputs(0))
   contenders = {
-      'preplaced': _Contender(preplaced_step, copy(), lambda i: (preplaced_batch,)),
+      'preplaced': _Contender(uint8_step, copy(), lambda i: (uint8_batch,)),
+      'preplaced_f32': _Contender(f32_step, copy(), lambda i: (f32_batch,)),
       'device': _Contender(device_step, copy(),
                            lambda i: (to_global(batches.device_inputs(i)), resident)),
       'device_inputs_preplaced': _Contender(device_step, copy(),
@@ -101,11 +109,15 @@ def bench_device_input(size: Size) -> dict[str, Any]:
   case = size.input_model
   timing.log(f'[input] {case.label}, sam, {size.input_examples} resident images')
   contenders = _contenders(case, 'sam', size.input_examples, size.dtype)
-  samples = timing.interleaved({k: c.run for k, c in contenders.items()}, size.reps, size.iters)
+  samples = timing.interleaved({k: c.run for k, c in contenders.items()}, size.input_reps,
+                               size.iters)
   ratios = {'device_over_preplaced': timing.ratio(samples, 'device', 'preplaced'),
             'device_inputs_preplaced_over_preplaced': timing.ratio(
-                samples, 'device_inputs_preplaced', 'preplaced')}
+                samples, 'device_inputs_preplaced', 'preplaced'),
+            'device_over_preplaced_f32': timing.ratio(samples, 'device', 'preplaced_f32'),
+            'normalization_in_step': timing.ratio(samples, 'preplaced', 'preplaced_f32')}
   return {'case': case.label, 'optimizer': 'sam', 'resident_examples': size.input_examples,
+          'reps': size.input_reps, 'iters': size.iters,
           'contenders': {k: timing.summarize(v) for k, v in samples.items()},
           'ratios': ratios,
           'device_over_preplaced': ratios['device_over_preplaced']['ratio_of_medians']}

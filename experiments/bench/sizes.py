@@ -70,6 +70,7 @@ class Size:
   dtype: str = 'float32'             # --dtype: the models' activations and matmuls
   input_model: Optional[ModelCase] = None  # input section: the step fed from the resident split
   input_examples: int = 5000         # images in the resident split
+  input_reps: int = 20               # its round-robin repetitions: a ratio near 1 needs many
 
 
 CONVNET_TINY = ModelCase('convnet', 8, (32, 16, 1), 16)  # digits dominoes' shape
@@ -91,7 +92,7 @@ SIZES = {
         pex_model=CONVNET_TINY, pex_chunk=4, pex_reference=False,
         pipeline_datasets=(PipelineCase('digits_dominoes', 'real', batch_size=16),),
         pipeline_batches=3, pipeline_step_reps=3, pipeline_consumer=CONVNET_TINY,
-        input_model=CONVNET_TINY, input_examples=64),
+        input_model=CONVNET_TINY, input_examples=64, input_reps=2),
     'small': Size(
         reps=5, iters=3,
         step_models=(CONVNET_PAPER, ModelCase('resnet18', 64, (32, 32, 3), 32)),
