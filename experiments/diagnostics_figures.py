@@ -367,7 +367,8 @@ def plot_bins(r: dict, path: str) -> None:
 
 def _absolute(path: str) -> str:
   """A local path made absolute; a URL (gs://...) as given (abspath would mangle it)."""
-  return path if '://' in path else os.path.abspath(path)
+  from samjax.io_utils import is_local  # pylint: disable=g-import-not-at-top
+  return os.path.abspath(path) if is_local(path) else path
 
 
 def output_paths(out: str, step: int) -> dict:

@@ -16,6 +16,11 @@ from etils import epath
 PathLike = Union[str, os.PathLike, epath.Path]
 
 
+def is_local(path: PathLike) -> bool:
+  """True for a path on this machine's file system, False for a URL (``gs://...``)."""
+  return '://' not in os.fspath(path)
+
+
 def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
   """Calls ``write(file)`` on a temporary file beside ``path``, then renames it into place.
 
@@ -29,11 +34,8 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Fal
     with tmp.open('wb' if binary else 'w') as f:
       write(f)
       f.flush()
-      if isinstance(getattr(f, 'fileno', None), Callable):
-        try:
-          os.fsync(f.fileno())
-        except (OSError, ValueError, NotImplementedError):  # not a local file
-          pass
+      if is_local(path):  # an object store's file has no descriptor; its upload is the commit
+        os.fsync(f.fileno())
     tmp.replace(path)
   except BaseException:
     try:

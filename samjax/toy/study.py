@@ -38,7 +38,7 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from samjax import diagnostics
-from samjax.io_utils import atomic_write_text
+from samjax.io_utils import atomic_write_text, is_local
 from samjax.toy import data as toy_data
 from samjax.toy import metrics as toy_metrics
 from samjax.toy import train as toy_train
@@ -369,7 +369,7 @@ def enable_compilation_cache(directory: str) -> Optional[str]:
     return jax.config.jax_compilation_cache_dir
   if not directory:
     return None
-  if '://' not in directory:  # JAX's cache also takes a URL (gs://...), which abspath would mangle
+  if is_local(directory):  # JAX's cache also takes a URL (gs://...), which abspath would mangle
     directory = os.path.abspath(os.path.expanduser(directory))
     os.makedirs(directory, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', directory)

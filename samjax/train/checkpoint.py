@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -31,7 +30,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from samjax.io_utils import read_json
+from samjax.io_utils import is_local, read_json
 from samjax.train import workdir as workdir_lib
 from samjax.train.evaluate import to_host
 
@@ -152,7 +151,7 @@ def _move_tree(source: epath.Path, target: epath.Path) -> None:
   (gs://), where a folder is only a name prefix and renaming it fails (HTTP 404: there is no
   folder object), every object is copied first and the source deleted only after all copies
   exist, so an interruption never loses data (the source, still there, is moved again later)."""
-  if '://' not in os.fspath(source):
+  if is_local(source):
     source.rename(target)
     return
   for root, _, files in source.walk():

@@ -35,7 +35,7 @@ from typing import Optional
 from clu import metric_writers
 from etils import epath
 
-from samjax.io_utils import atomic_write_json, atomic_write_text
+from samjax.io_utils import atomic_write_json, atomic_write_text, is_local
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
@@ -69,20 +69,16 @@ def config_to_dict(config) -> dict:
   return dict(config)
 
 
-def _is_local(path: epath.Path) -> bool:
-  return '://' not in os.fspath(path)
-
-
 def check_usable(workdir: str) -> epath.Path:
   """The workdir as an epath; ValueError if it cannot hold a run (checked without writing)."""
   path = epath.Path(workdir)
   if path.exists():
     if not path.is_dir():
       raise ValueError(f'--workdir {workdir} is a file, not a directory; pass a directory.')
-    if _is_local(path) and not os.access(os.fspath(path), os.W_OK | os.X_OK):
+    if is_local(path) and not os.access(os.fspath(path), os.W_OK | os.X_OK):
       raise ValueError(f'--workdir {workdir} is not writable; pass a writable directory.')
     return path
-  if _is_local(path):
+  if is_local(path):
     parent = path.absolute().parent
     while not parent.exists():
       parent = parent.parent
@@ -172,7 +168,7 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
 
   def __init__(self, path: epath.Path):
     self._path = epath.Path(path)
-    self._local = _is_local(self._path)
+    self._local = is_local(self._path)
     self._records = [] if self._local else read_metrics(self._path)
     self._pending: dict[int, dict] = {}
 
