@@ -168,17 +168,17 @@ FIELDS: tuple[Field, ...] = (
     # Both placements train bit-identically (same indices and augmentation draws, exact uint8
     # crop/flip), so the choice is about speed and device memory only.
     Field('data.placement', 'auto', str,
-          "Where training batches are made. 'device': the uint8 training split is replicated on "
-          'every device once and each step sends only indices and crop/flip parameters; '
+          "Where training batches are made. 'device': the uint8 training split is put on the "
+          'devices once, replicated on every device if it fits data.device_memory_budget_mb, '
+          'else sharded over them, and each step sends only indices and crop/flip parameters; '
           "'host': each step's batch is gathered and augmented on the host and sent; 'auto': "
-          "'device' if the split fits data.device_memory_budget_mb, else 'host' (splits that do "
-          "not fit always train from the host).", choices=PLACEMENTS),
+          "'device' if the split or its shard fits the budget, else 'host'.", choices=PLACEMENTS),
     # 2 GiB: every paper data set at the paper's image size fits (the largest, CelebA's train
-    # split at 64x64, takes 1.9 GiB; at its native 218x178, 19 GB, it trains from the host) and
-    # most of an accelerator's memory is left to the model.
-    _count('data.device_memory_budget_mb', 2048,
-           'MiB per device the replicated uint8 training split (images, labels, attributes) may '
-           "take under placement 'auto' / 'device'.", high=2**20),
+    # split at 64x64, takes 1.9 GiB; at its native 218x178, 19 GB, it is sharded over 10 or more
+    # devices or trains from the host) and most of an accelerator's memory is left to the model.
+    _real('data.device_memory_budget_mb', 2048.0,
+          'MiB per device the uint8 training split (images, labels, attributes), or its shard, '
+          "may take under placement 'auto' / 'device'.", high=2.0**20),
     Field('data.normalization', 'mean_pixel', str,
           "'mean_pixel': training set's per-channel mean / std; 'imagenet': ImageNet's; "
           "'none': divide by 255.", choices=NORMALIZATIONS),

@@ -121,7 +121,10 @@ def test_pipeline_section(report):
 def test_input_section_times_the_resident_split_against_a_preplaced_batch(report):
   section = report[0]['input']
   assert set(section['contenders']) == {'preplaced', 'preplaced_f32', 'device',
-                                        'device_inputs_preplaced'}
+                                        'device_inputs_preplaced', 'replicated_all',
+                                        'sharded_all'}
+  _positive_finite(section['ratios']['sharded_over_replicated']['ratio_of_medians'],
+                   'sharded_over_replicated')
   for name, c in section['contenders'].items():
     _timings(c['samples_s'], name)
   ratio = section['device_over_preplaced']

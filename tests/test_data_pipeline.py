@@ -316,21 +316,66 @@ def test_resident_split_is_replicated_on_every_device(dataset):
     np.testing.assert_array_equal(np.asarray(shard.data), dataset.train.images)
   np.testing.assert_array_equal(np.asarray(resident['label']), dataset.train.labels)
   np.testing.assert_array_equal(np.asarray(resident['attribute']), dataset.train.attributes)
-  assert input_lib.split_nbytes(dataset.train) == 103 * (8 * 6 * 3 + 4 + 4)
+  assert input_lib.example_nbytes(dataset.train) == 8 * 6 * 3 + 4 + 4
 
 
 def test_choose_placement():
   mib = 2**20
-  assert input_lib.choose_placement('auto', 2 * mib, 2)[0] == 'device'  # the budget is inclusive
-  assert input_lib.choose_placement('auto', 2 * mib + 1, 2)[0] == 'host'
-  assert input_lib.choose_placement('device', 2 * mib, 2)[0] == 'device'
-  assert input_lib.choose_placement('host', 1, 2048)[0] == 'host'
-  assert input_lib.choose_placement('auto', 1, 0)[0] == 'host'
+  choose = input_lib.choose_placement
+  # 2 MiB in 1024 examples of 2 KiB; the budget is inclusive.
+  assert choose('auto', 1024, 2048, 2)[0] == 'replicated'
+  assert choose('device', 1024, 2048, 2, num_devices=8)[0] == 'replicated'
+  assert choose('auto', 1025, 2048, 2)[0] == 'host'  # one device: nothing to shard over
+  # Sharded over 8 devices: ceil(1025 / 8) = 129 examples of 2 KiB per device.
+  assert choose('auto', 1025, 2048, 129 * 2048 / mib, num_devices=8)[0] == 'sharded'
+  assert choose('device', 1025, 2048, 129 * 2048 / mib, num_devices=8)[0] == 'sharded'
+  assert choose('auto', 1025, 2048, 128 * 2048 / mib, num_devices=8)[0] == 'host'
+  assert choose('host', 1, 1, 2048)[0] == 'host'
+  assert choose('auto', 1, 1, 0)[0] == 'host'
   with pytest.raises(ValueError) as error:
-    input_lib.choose_placement('device', 3 * mib, 2)
+    choose('device', 3 * 1024, 1024, 2, num_devices=1)
   message = str(error.value)
   assert message.startswith('config.data.placement: ') and '\n' not in message
-  assert '3.0 MiB' in message and 'device_memory_budget_mb is 2' in message
+  assert '3.0 MiB' in message and 'device_memory_budget_mb is 2;' in message
+  with pytest.raises(ValueError, match='is not one of auto, device, host'):
+    choose('gpu', 1, 1, 1)
+
+
+@pytest.mark.parametrize('num_devices', [1, 3, 8])
+def test_resident_split_sharded_holds_each_row_once_and_pads_with_zeros(dataset, num_devices):
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ('data',))
+  resident = input_lib.resident_split(dataset.train, mesh, 'sharded')
+  n = len(dataset.train)  # 103: not a multiple of 3 or 8
+  rows = -(-n // num_devices)
+  for key, want in (('image', dataset.train.images), ('label', dataset.train.labels),
+                    ('attribute', dataset.train.attributes)):
+    array = resident[key]
+    assert array.shape[0] == rows * num_devices and array.dtype == want.dtype
+    for shard in array.addressable_shards:
+      assert shard.data.shape[0] == rows
+    np.testing.assert_array_equal(np.asarray(array)[:n], want)
+    assert not np.asarray(array)[n:].any()
+
+
+@pytest.mark.parametrize('augment', [False, True])
+@pytest.mark.parametrize('num_devices', [2, 8])
+def test_batches_from_a_sharded_split_equal_the_host_batch(dataset, augment, num_devices):
+  """Written against jax.shard_map directly, not through the train step."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ('d',))
+  resident = input_lib.resident_split(dataset.train, mesh, 'sharded')
+  gather = jax.jit(jax.shard_map(
+      lambda r, i: input_lib.gather_batch_from_shards(r, i, 'd'), mesh=mesh,
+      in_specs=(P('d'), P('d')), out_specs=P('d')))
+  batches = input_lib.TrainBatches(dataset.train, dataset, 24, seed=5, augment=augment,
+                                   normalize=False)
+  sharding = NamedSharding(mesh, P('d'))
+  for step in (0, 4, 9):  # 4 steps per epoch: three epochs
+    inputs = jax.device_put(batches.device_inputs(step), sharding)
+    got, want = gather(resident, inputs), batches.batch_at(step)
+    for key in ('image', 'label', 'attribute'):
+      assert got[key].dtype == want[key].dtype, key
+      np.testing.assert_array_equal(np.asarray(got[key]), want[key])
 
 
 def test_train_batches_validate_arguments(dataset):

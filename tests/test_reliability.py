@@ -103,13 +103,18 @@ def free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('placement', ['device', 'host'])
-def test_two_processes_equal_one(tmp_path, data_dir, placement):
+# 'sharded': this digits dominoes split (1.5 MiB) exceeds 1 MiB, its shard over 4 devices does not.
+@pytest.mark.parametrize('placement, budget_mb, made_on', [
+    ('device', 2048, 'device (split replicated)'), ('host', 2048, 'host'),
+    ('device', 1.0, 'device (split sharded)')])
+def test_two_processes_equal_one(tmp_path, data_dir, placement, budget_mb, made_on):
   args = lambda workdir: tiny_args(workdir, data_dir, steps=12) + [
-      '--config.data.augment=True', f'--config.data.placement={placement}']
+      '--config.data.augment=True', f'--config.data.placement={placement}',
+      f'--config.data.device_memory_budget_mb={budget_mb}']
   single = str(tmp_path / 'single')
-  code, _, err = finish(start(args(single), devices=4))
+  code, _, err = finish(start(args(single) + ['--verbosity=0'], devices=4))
   assert code == 0, err
+  assert f'training batches are made on the {made_on}:' in err
   multi = str(tmp_path / 'multi')
   port = free_port()
   procs = [start(args(multi) + ['--config.progress_bar=True'] +

@@ -195,7 +195,9 @@ def test_uint8_batches_normalised_in_the_step_equal_host_normalised_batches():
 
 @pytest.mark.parametrize('perturbation', ['sync', 'per_device'])
 @pytest.mark.parametrize('augment', [False, True])
-def test_step_on_the_resident_split_equals_the_step_on_host_batches(perturbation, augment):
+@pytest.mark.parametrize('layout', ['replicated', 'sharded'])
+def test_step_on_the_resident_split_equals_the_step_on_host_batches(perturbation, augment,
+                                                                    layout):
   """Same indices and crop/flip draws (TrainBatches), exact uint8 crop/flip: bit-identical."""
   from samjax.data import dataset as dataset_lib
   from samjax.data import input as input_lib
@@ -211,8 +213,8 @@ def test_step_on_the_resident_split_equals_the_step_on_host_batches(perturbation
   make = functools.partial(step_lib.make_train_step, model, config, 10, mesh, donate=False,
                            perturbation=perturbation, image_normalization=(mean, std))
   tx, host_step = make()
-  _, device_step = make(device_data=True)
-  resident = input_lib.resident_split(split, mesh)
+  _, device_step = make(device_data=layout)
+  resident = input_lib.resident_split(split, mesh, layout)
   state = step_lib.create_train_state(model, tx, jax.random.key(0), np.zeros((1, 8, 8, 1)))
   host, device = state, state
   for step in range(5):  # crosses the epoch boundary (2 steps per epoch)
@@ -227,7 +229,8 @@ def test_the_resident_split_is_an_argument_of_the_step_not_a_constant_in_it():
   from samjax.data import input as input_lib
   mesh = step_lib.make_mesh(jax.devices()[:8])
   model = TinyNet()
-  tx, step = step_lib.make_train_step(model, opt_config('sam'), 10, mesh, device_data=True,
+  tx, step = step_lib.make_train_step(model, opt_config('sam'), 10, mesh,
+                                      device_data='replicated',
                                       image_normalization=(np.zeros(1), np.ones(1)))
   state = step_lib.create_train_state(model, tx, jax.random.key(0), np.zeros((1, 8, 8, 1)))
   inputs = {'index': np.arange(16, dtype=np.int32), 'offset': np.zeros((16, 2), np.int32),

@@ -256,16 +256,22 @@ def assert_same_run(a, b):
 def test_device_and_host_placement_train_bit_identically(tmp_path, data_dir, caplog, augment,
                                                          perturbation):
   runs = {}
-  for placement in ('device', 'host'):
+  # digits dominoes' split: ~0.7 MiB, ~0.09 MiB per device over 8; 0.25 MiB makes it sharded.
+  cases = {'replicated': ('device', 2048, 'device (split replicated)'),
+           'sharded': ('device', 0.25, 'device (split sharded)'),
+           'host': ('host', 2048, 'host')}
+  for name, (placement, budget, logged) in cases.items():
     config = tiny_digits_config(data_dir, 'sam', steps=12)
     config.data.augment, config.perturbation, config.data.placement = (augment, perturbation,
                                                                        placement)
-    runs[placement] = str(tmp_path / placement)
+    config.data.device_memory_budget_mb = budget
+    runs[name] = str(tmp_path / name)
     with caplog.at_level('INFO'):
-      train.train_and_evaluate(config, runs[placement])
-    assert f'training batches are made on the {placement}: data.placement is' in caplog.text
+      train.train_and_evaluate(config, runs[name])
+    assert f'training batches are made on the {logged}: data.placement is' in caplog.text
     caplog.clear()
-  assert_same_run(runs['device'], runs['host'])
+  assert_same_run(runs['replicated'], runs['host'])
+  assert_same_run(runs['sharded'], runs['host'])
 
 
 def test_resumed_device_placement_run_equals_a_straight_run(tmp_path, data_dir, monkeypatch):

@@ -10,12 +10,20 @@ device, three contenders timed round-robin by :func:`bench.timing.interleaved`:
 * ``device``: what training does with ``data.placement='device'``: per step the host draws the
   indices and crop/flip parameters (``TrainBatches.device_inputs``, augmentation on), makes them
   global arrays, and the step gathers, crops, flips and normalises the uint8 batch from the
-  resident split (``make_train_step(device_data=True)``, ``resident_split``);
+  resident split (``make_train_step(device_data='replicated')``, ``resident_split``);
 * ``device_inputs_preplaced``: the same step fed inputs already on the device (its on-device
   gather and augmentation alone, without the host's draws and transfer).
 
+Two more, on every device (8 on CPU) with the batch rounded down to a multiple of their number:
+
+* ``replicated_all``: ``device`` over all devices, the split replicated on each;
+* ``sharded_all``: the same with the split sharded over the devices (what ``'auto'`` picks when
+  the split exceeds one device's budget): each step adds an all-gather of the indices and a
+  reduce-scatter of about one uint8 batch (``gather_batch_from_shards``).
+
 ``device_over_preplaced`` = ``device`` / ``preplaced`` (goal <= 1.05): what device-resident
-input adds to the step. ``normalization_in_step`` = ``preplaced`` / ``preplaced_f32``: what
+input adds to the step. ``sharded_over_replicated`` = ``sharded_all`` / ``replicated_all``:
+what sharding the split costs (no goal; reported as measured). ``normalization_in_step`` = ``preplaced`` / ``preplaced_f32``: what
 normalising uint8 images inside the step costs (both placements do it; the host pipeline of
 the ``pipeline`` section too).
 """
@@ -78,7 +86,8 @@ def _contenders(case: ModelCase, opt_name: str, num_examples: int, dtype: str) -
   _, uint8_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
                                            image_normalization=(mean, std))
   _, device_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
-                                            image_normalization=(mean, std), device_data=True)
+                                            image_normalization=(mean, std),
+                                            device_data='replicated')
   sample = np.zeros((1, *case.image_shape), np.float32)
   init = jax.device_put(step_lib.create_train_state(model, tx, jax.random.key(0), sample),
                         replicated)
@@ -100,8 +109,33 @@ def _contenders(case: ModelCase, opt_name: str, num_examples: int, dtype: str) -
       'device_inputs_preplaced': _Contender(device_step, copy(),
                                             lambda i: (placed_inputs, resident)),
   }
+  contenders.update(_all_device_contenders(model, config, split, case, mean, std))
   for contender in contenders.values():
     contender.run(2)  # compile and warm up
+  return contenders
+
+
+def _all_device_contenders(model, config, split, case: ModelCase, mean, std) -> dict:
+  """``replicated_all`` and ``sharded_all``: the device-fed step on every device."""
+  from samjax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  from samjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  mesh = step_lib.make_mesh()
+  batch_size = max(case.batch_size // mesh.size, 1) * mesh.size
+  batches = input_lib.TrainBatches(split, None, batch_size, seed=0, augment=True,
+                                   normalize=False)
+  batch_sharding = NamedSharding(mesh, P(step_lib.DATA_AXIS))
+  to_global = lambda inputs: {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                              for k, v in inputs.items()}
+  sample = np.zeros((1, *case.image_shape), np.float32)
+  contenders = {}
+  for layout in ('replicated', 'sharded'):
+    tx, step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
+                                        image_normalization=(mean, std), device_data=layout)
+    state = jax.device_put(step_lib.create_train_state(model, tx, jax.random.key(0), sample),
+                           NamedSharding(mesh, P()))
+    resident = input_lib.resident_split(split, mesh, layout)
+    contenders[f'{layout}_all'] = _Contender(
+        step, state, lambda i, resident=resident: (to_global(batches.device_inputs(i)), resident))
   return contenders
 
 
@@ -115,8 +149,10 @@ def bench_device_input(size: Size) -> dict[str, Any]:
             'device_inputs_preplaced_over_preplaced': timing.ratio(
                 samples, 'device_inputs_preplaced', 'preplaced'),
             'device_over_preplaced_f32': timing.ratio(samples, 'device', 'preplaced_f32'),
-            'normalization_in_step': timing.ratio(samples, 'preplaced', 'preplaced_f32')}
+            'normalization_in_step': timing.ratio(samples, 'preplaced', 'preplaced_f32'),
+            'sharded_over_replicated': timing.ratio(samples, 'sharded_all', 'replicated_all')}
   return {'case': case.label, 'optimizer': 'sam', 'resident_examples': size.input_examples,
+          'all_devices': jax.device_count(),
           'reps': size.input_reps, 'iters': size.iters,
           'contenders': {k: timing.summarize(v) for k, v in samples.items()},
           'ratios': ratios,

@@ -8,10 +8,12 @@ Two placements of the training split (``config.data.placement``), which train bi
 
 * host: :meth:`TrainBatches.batch_at` gathers, crops and flips each batch with numpy and the
   uint8 batch travels to the devices every step;
-* device: :func:`resident_split` puts the uint8 split on every device once (replicated);
-  each step only :meth:`TrainBatches.device_inputs` travels (indices and crop/flip parameters,
-  drawn by the same code as ``batch_at``'s) and :func:`gather_batch` (jnp, inside the jitted
-  step) makes the same uint8 batch there. :func:`choose_placement` decides ``'auto'``.
+* device: :func:`resident_split` puts the uint8 split on the devices once, replicated on
+  every device or, when it does not fit one device's budget, sharded over them; each step only
+  :meth:`TrainBatches.device_inputs` travels (indices and crop/flip parameters, drawn by the
+  same code as ``batch_at``'s) and :func:`gather_batch` (replicated) or
+  :func:`gather_batch_from_shards` (sharded; jnp, inside the jitted step) makes the same uint8
+  batch there. :func:`choose_placement` decides.
 """
 
 from __future__ import annotations
@@ -77,12 +79,19 @@ def crop_and_flip_on_device(images: jax.Array, offsets: jax.Array, flips: jax.Ar
   return jnp.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
 
 
+def _augment(images: jax.Array, inputs: dict[str, jax.Array]) -> jax.Array:
+  if 'offset' not in inputs:
+    return images
+  padding = crop_padding(images.shape[1:])
+  return crop_and_flip_on_device(images, inputs['offset'], inputs['flip'], padding)
+
+
 def gather_batch(resident: dict[str, jax.Array], inputs: dict[str, jax.Array]) -> dict:
   """The uint8 batch of :meth:`TrainBatches.batch_at` (``normalize=False``), made with jnp.
 
   Args:
-    resident: the split as :func:`resident_split` places it: ``{'image': uint8 [N, H, W, C],
-      'label': int32 [N], 'attribute': int32 [N]}``.
+    resident: the split as :func:`resident_split` places it (replicated): ``{'image': uint8
+      [N, H, W, C], 'label': int32 [N], 'attribute': int32 [N]}``.
     inputs: :meth:`TrainBatches.device_inputs`: ``{'index': int32 [B]}``, plus ``'offset'``
       int32 ``[B, 2]`` and ``'flip'`` bool ``[B]`` when augmenting.
 
@@ -90,51 +99,115 @@ def gather_batch(resident: dict[str, jax.Array], inputs: dict[str, jax.Array]) -
     ``{'image': uint8 [B, H, W, C], 'label': int32 [B], 'attribute': int32 [B]}``.
   """
   # The indices come from a permutation of range(N): skipping the bounds handling is safe.
-  take = lambda x: x.at[inputs['index']].get(mode='promise_in_bounds')
-  images = take(resident['image'])
-  if 'offset' in inputs:
-    padding = crop_padding(resident['image'].shape[1:])
-    images = crop_and_flip_on_device(images, inputs['offset'], inputs['flip'], padding)
-  return {'image': images, 'label': take(resident['label']),
-          'attribute': take(resident['attribute'])}
+  batch = {k: v.at[inputs['index']].get(mode='promise_in_bounds') for k, v in resident.items()}
+  return {**batch, 'image': _augment(batch['image'], inputs)}
 
 
-def split_nbytes(split: Split) -> int:
-  """Bytes of the split's images, labels and attributes as held in memory (uint8 images)."""
-  return int(split.images.nbytes + split.labels.nbytes + split.attributes.nbytes)
+def gather_batch_from_shards(resident_shard: dict[str, jax.Array], inputs: dict[str, jax.Array],
+                             axis_name: str) -> dict:
+  """:func:`gather_batch` on a split sharded over ``axis_name``; call inside ``shard_map``.
+
+  The sampling is unchanged: the global batch is the one every other placement trains on.
+  Device ``d`` of the ``D`` on the axis holds rows ``[d * R, (d + 1) * R)`` of the split
+  (``R = ceil(N / D)``) and the ``d``-th ``B / D`` rows of the global batch are its own. Every
+  device looks up the global batch's indices (an all-gather of ``B`` int32), takes the rows it
+  holds and zeros elsewhere, and a reduce-scatter (``psum_scatter``) hands each device its own
+  rows: exact, since every row is the sum of one device's row and zeros. Per step that moves
+  about one global batch of uint8 between the devices; the crop and flip then use the device's
+  own parameters.
+
+  Args:
+    resident_shard: this device's rows of :func:`resident_split` (``layout='sharded'``).
+    inputs: this device's rows of :meth:`TrainBatches.device_inputs`.
+    axis_name: the mesh axis the split and the batch are sharded over.
+
+  Returns:
+    This device's rows of the uint8 batch, as :func:`gather_batch`.
+  """
+  index = jax.lax.all_gather(inputs['index'], axis_name, tiled=True)
+  rows = resident_shard['label'].shape[0]
+  local = index - jax.lax.axis_index(axis_name) * rows
+  held = (local >= 0) & (local < rows)
+  local = jnp.where(held, local, 0)
+
+  def own_rows(x):
+    taken = x.at[local].get(mode='promise_in_bounds')
+    taken = jnp.where(held.reshape(held.shape + (1,) * (x.ndim - 1)), taken, jnp.zeros_like(taken))
+    return jax.lax.psum_scatter(taken, axis_name, scatter_dimension=0, tiled=True)
+
+  batch = {k: own_rows(v) for k, v in resident_shard.items()}
+  return {**batch, 'image': _augment(batch['image'], inputs)}
 
 
-def choose_placement(placement: str, split_bytes: int, budget_mb: int) -> tuple[str, str]:
-  """``('device' | 'host', why)`` for ``config.data.placement``.
+def example_nbytes(split: Split) -> int:
+  """Bytes of one example as held in memory: uint8 image, int32 label and attribute."""
+  return int(split.images[0].nbytes + split.labels.itemsize + split.attributes.itemsize)
 
-  ``'device'`` replicates the split on every device, so it must fit ``budget_mb`` MiB per
-  device; ``'auto'`` falls back to ``'host'`` when it does not, ``'device'`` is refused
-  (``ValueError('config.data.placement: ...')``).
+
+def choose_placement(placement: str, num_examples: int, example_bytes: int, budget_mb: float,
+                     num_devices: int = 1) -> tuple[str, str]:
+  """``('replicated' | 'sharded' | 'host', why)`` for ``config.data.placement``.
+
+  ``'auto'`` and ``'device'`` put the split on the devices: replicated on every device when it
+  fits ``budget_mb`` MiB, else sharded over the ``num_devices`` devices when a shard
+  (``ceil(N / D)`` examples) fits. Beyond that ``'auto'`` falls back to ``'host'`` and
+  ``'device'`` is refused (``ValueError('config.data.placement: ...')``). The budget counts the
+  resident split only; a step's own batch (and, sharded, one global batch of uint8 rows in
+  flight) is the model's memory, as with any input.
   """
   if placement not in ('auto', 'device', 'host'):
     raise ValueError(f'config.data.placement: {placement!r} is not one of auto, device, host.')
   if placement == 'host':
     return 'host', 'data.placement is host'
-  fits = split_bytes <= budget_mb * 2**20
-  sizes = (f'the training split takes {split_bytes / 2**20:.1f} MiB (uint8 images, labels, '
-           f'attributes) and data.device_memory_budget_mb is {budget_mb}')
-  if fits:
-    return 'device', f'data.placement is {placement}; {sizes}'
+  budget = budget_mb * 2**20
+  whole = num_examples * example_bytes
+  shard = -(-num_examples // num_devices) * example_bytes
+  sizes = (f'the training split takes {whole / 2**20:.1f} MiB (uint8 images, labels, '
+           f'attributes), {shard / 2**20:.1f} MiB per device sharded over {num_devices}, and '
+           f'data.device_memory_budget_mb is {budget_mb:g}')
+  if whole <= budget:
+    return 'replicated', f'data.placement is {placement}; {sizes}'
+  if num_devices > 1 and shard <= budget:
+    return 'sharded', f'data.placement is {placement}; {sizes}'
   if placement == 'device':
-    raise ValueError("config.data.placement: 'device' replicates the training split on every "
-                     f'device, but {sizes}; raise the budget, or use auto or host.')
+    raise ValueError("config.data.placement: 'device' needs the training split, or its shard "
+                     f'on each device, within the budget, but {sizes}; raise the budget, '
+                     'use more devices, or use auto or host.')
   return 'host', f'data.placement is auto but {sizes}'
 
 
-def resident_split(split: Split, mesh: Mesh) -> dict[str, jax.Array]:
-  """The split replicated on every device of ``mesh`` (uint8 images, int32 labels, attributes).
+def _rows_of(array: np.ndarray, index: tuple, num_rows: int) -> np.ndarray:
+  """``array`` zero-padded to ``num_rows`` rows, at ``index``, without copying the whole."""
+  start, stop, _ = index[0].indices(num_rows)
+  part = array[start:min(stop, len(array))][(slice(None), *index[1:])]
+  missing = stop - max(start, len(array))
+  if missing <= 0:
+    return part
+  return np.concatenate([part, np.zeros((missing, *part.shape[1:]), array.dtype)])
+
+
+def resident_split(split: Split, mesh: Mesh, layout: str = 'replicated') -> dict[str, jax.Array]:
+  """The split on the devices of ``mesh`` (uint8 images, int32 labels, attributes).
+
+  ``layout='replicated'``: every device holds the whole split (for :func:`gather_batch`).
+  ``'sharded'``: the split, zero-padded to ``D * ceil(N / D)`` rows, is sharded over the mesh's
+  one axis (for :func:`gather_batch_from_shards`; the padding is never indexed).
 
   Every process holds the whole split (every process loads it), so each one fills its own
   devices from its copy: correct with one process or several.
   """
-  replicated = NamedSharding(mesh, P())
+  if layout not in ('replicated', 'sharded'):
+    raise ValueError(f"layout must be 'replicated' or 'sharded', got {layout!r}")
   arrays = {'image': split.images, 'label': split.labels, 'attribute': split.attributes}
-  return {k: jax.make_array_from_callback(v.shape, replicated, lambda index, v=v: v[index])
+  if layout == 'replicated':
+    sharding, num_rows = NamedSharding(mesh, P()), len(split)
+  else:
+    (axis,) = mesh.axis_names
+    sharding = NamedSharding(mesh, P(axis))
+    num_rows = -(-len(split) // mesh.size) * mesh.size
+  return {k: jax.make_array_from_callback(
+              (num_rows, *v.shape[1:]), sharding,
+              lambda index, v=v: _rows_of(v, index, num_rows))
           for k, v in arrays.items()}
 
 

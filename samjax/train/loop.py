@@ -204,10 +204,11 @@ def _train_and_evaluate(config, workdir: str, held: list) -> dict:
   workdir_lib.check_rerun(workdir_path, config)
   dataset = _load_dataset(config)
   # Decided before the workdir is touched: 'device' on a split too large is a config error.
-  placement, why = input_lib.choose_placement(
-      config.data.placement, input_lib.split_nbytes(dataset.train),
-      config.data.device_memory_budget_mb)
-  logging.info('training batches are made on the %s: %s', placement, why)
+  layout, why = input_lib.choose_placement(
+      config.data.placement, len(dataset.train), input_lib.example_nbytes(dataset.train),
+      config.data.device_memory_budget_mb, jax.device_count())
+  logging.info('training batches are made on the %s: %s',
+               'host' if layout == 'host' else f'device (split {layout})', why)
   model = models.create_model(_model_config(config), dataset.num_classes)
   mesh = step_lib.make_mesh()
   is_lead = jax.process_index() == 0
@@ -224,7 +225,7 @@ def _train_and_evaluate(config, workdir: str, held: list) -> dict:
       microbatches=config.microbatches,
       microbatch_mode=config.microbatch_mode,
       image_normalization=(dataset.mean, dataset.std),
-      device_data=placement == 'device')
+      device_data=None if layout == 'host' else layout)
   sample = dataset.normalize(batches.batch_at(0)['image'][:1])
   init_state = jax.jit(
       lambda rng: step_lib.create_train_state(model, tx, rng, sample),
@@ -296,9 +297,9 @@ def _train_and_evaluate(config, workdir: str, held: list) -> dict:
       progress.set_postfix(postfix)
     last_time, last_step = now, current_step
 
-  if placement == 'device':
+  if layout != 'host':
     # Per step the host only draws indices and crop/flip parameters: no threads needed.
-    resident = (input_lib.resident_split(dataset.train, mesh),)
+    resident = (input_lib.resident_split(dataset.train, mesh, layout),)
     local_batches = (batches.device_inputs(s) for s in itertools.count(start_step))
   else:
     resident = ()

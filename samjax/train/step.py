@@ -30,7 +30,7 @@ from samjax import SamState
 from samjax import diagnostics
 from samjax.config import MICROBATCH_MODES, PERTURBATIONS
 from samjax.data.dataset import scale_and_offset
-from samjax.data.input import gather_batch
+from samjax.data.input import gather_batch, gather_batch_from_shards
 from samjax.gradients import (accumulated_grad, device_varying, mean_over_microbatches,
                               merge_microbatches)
 from samjax.train.optim import find_sam_state, learning_rate_schedule, optimizer_parts
@@ -194,7 +194,7 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
                     donate: bool = True, tx: Optional[optax.GradientTransformation] = None,
                     microbatches: int = 1, microbatch_mode: str = 'full_batch',
                     image_normalization: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                    device_data: bool = False):
+                    device_data: Optional[str] = None):
   """Builds ``(tx, step)`` where ``step(state, batch) -> (state, metrics)`` is jitted.
 
   With ``device_data`` the step is ``step(state, inputs, resident) -> (state, metrics)``: it
@@ -221,9 +221,10 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
     image_normalization: ``(mean, std)`` per channel: the batch's images arrive as uint8 and are
       normalised inside the step, ``(x - mean) / std``, which spares the host 4x the work and
       the transfer.
-    device_data: take ``inputs`` (:meth:`samjax.data.input.TrainBatches.device_inputs`: indices
-      and crop/flip parameters, sharded like a batch) and ``resident`` (the uint8 split,
-      :func:`samjax.data.input.resident_split`, replicated) instead of a batch; the batch is
+    device_data: ``'replicated'`` or ``'sharded'``, the layout of the resident split: take
+      ``inputs`` (:meth:`samjax.data.input.TrainBatches.device_inputs`: indices and crop/flip
+      parameters, sharded like a batch) and ``resident`` (the uint8 split,
+      :func:`samjax.data.input.resident_split` in that layout) instead of a batch; the batch is
       gathered, cropped and flipped on the devices, bit-identical to the host's. ``resident``
       is an argument, not a constant captured by the step, so the split is not embedded in
       the compiled program.
@@ -255,29 +256,38 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
   if per_device:
     local = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
-  if not device_data:
+  if device_data is None:
     step = jax.jit(local, in_shardings=(replicated, batch_sharding),
                    out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
     return tx, step
-  make_batch = device_data_batch(mesh)
+  make_batch = device_data_batch(mesh, device_data)
 
   def fed(state, inputs, resident):
     return local(state, make_batch(resident, inputs))
 
+  resident_sharding = replicated if device_data == 'replicated' else batch_sharding
   # The resident split is not donated: it serves every step.
-  step = jax.jit(fed, in_shardings=(replicated, batch_sharding, replicated),
+  step = jax.jit(fed, in_shardings=(replicated, batch_sharding, resident_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
   return tx, step
 
 
-def device_data_batch(mesh: Mesh) -> Callable:
+def device_data_batch(mesh: Mesh, layout: str = 'replicated') -> Callable:
   """``(resident, inputs) -> uint8 batch`` sharded on ``'data'``, as a traceable function.
 
-  Every device gathers, crops and flips its own rows from its replica of the split
-  (``shard_map``: no communication, whatever the partitioner would choose), so the batch enters
-  the step exactly as a host batch sharded ``P('data')`` would, under ``'sync'`` and
-  ``'per_device'`` alike. ``resident``: :func:`samjax.data.input.resident_split`; ``inputs``:
+  Every device makes its own rows of the batch in a ``shard_map``, so the batch enters the step
+  exactly as a host batch sharded ``P('data')`` would, under ``'sync'`` and ``'per_device'``
+  alike. ``layout='replicated'``: from its replica of the split, with no communication
+  (:func:`samjax.data.input.gather_batch`); ``'sharded'``: from the devices' shards, with one
+  reduce-scatter of the batch (:func:`samjax.data.input.gather_batch_from_shards`).
+  ``resident``: :func:`samjax.data.input.resident_split` in that layout; ``inputs``:
   :meth:`samjax.data.input.TrainBatches.device_inputs` as global arrays.
   """
-  return jax.shard_map(gather_batch, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                       out_specs=P(DATA_AXIS))
+  if layout == 'replicated':
+    return jax.shard_map(gather_batch, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                         out_specs=P(DATA_AXIS))
+  if layout == 'sharded':
+    return jax.shard_map(functools.partial(gather_batch_from_shards, axis_name=DATA_AXIS),
+                         mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+                         out_specs=P(DATA_AXIS))
+  raise ValueError(f"device_data must be 'replicated' or 'sharded', got {layout!r}")
