@@ -165,8 +165,9 @@ FIELDS: tuple[Field, ...] = (
     _positive('data.max_train_examples', None, 'Random subset of train (tiny runs); None: all.',
               optional=True),
     Field('data.augment', False, bool, 'Random crop with padding and horizontal flip.'),
-    # Both placements train bit-identically (same indices and augmentation draws, exact uint8
-    # crop/flip), so the choice is about speed and device memory only.
+    # Every placement (host, device replicated, device sharded) trains bit-identically (same
+    # indices and augmentation draws, exact uint8 crop/flip): the choice is about speed and
+    # device memory only.
     Field('data.placement', 'auto', str,
           "Where training batches are made. 'device': the uint8 training split is put on the "
           'devices once, replicated on every device if it fits data.device_memory_budget_mb, '

@@ -182,6 +182,15 @@ def test_a_byte_flip_in_a_checkpoint_is_caught_and_the_previous_one_used(tmp_pat
     np.testing.assert_array_equal(x, y)
 
 
+def assert_a_wrong_record_quarantines_step_8(workdir, record):
+  """Overwrites the checksum ``record`` of step 8 with a wrong digest: the step is quarantined."""
+  with open(record, 'w') as f:
+    json.dump({'sha256': '0' * 64}, f)
+  with pytest.raises(ValueError, match='no readable checkpoint'):
+    train.load_run(workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))[0].startswith('8.')
+
+
 def test_checksums_are_recorded_and_verified(tmp_path, data_dir, caplog):
   from samjax.train import checkpoint as checkpoint_lib
   workdir = str(tmp_path / 'run')
@@ -201,11 +210,7 @@ def test_checksums_are_recorded_and_verified(tmp_path, data_dir, caplog):
   with caplog.at_level('WARNING'):
     *_, step = train.load_run(workdir)
   assert step == 8 and 'unverified' not in caplog.text
-  with open(legacy_record, 'w') as f:
-    json.dump({'sha256': '0' * 64}, f)
-  with pytest.raises(ValueError, match='no readable checkpoint'):
-    train.load_run(workdir)
-  assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))[0].startswith('8.')
+  assert_a_wrong_record_quarantines_step_8(workdir, legacy_record)
 
 
 def test_a_wrong_recorded_checksum_quarantines_the_checkpoint(tmp_path, data_dir):
@@ -215,11 +220,7 @@ def test_a_wrong_recorded_checksum_quarantines_the_checkpoint(tmp_path, data_dir
   item = os.path.join(workdir, 'checkpoints', '8', checkpoint_lib.CHECKSUM_ITEM)
   record = os.path.join(item, 'metadata')  # orbax JsonCheckpointHandler's file name
   assert os.path.isfile(record)
-  with open(record, 'w') as f:
-    json.dump({'sha256': '0' * 64}, f)
-  with pytest.raises(ValueError, match='no readable checkpoint'):
-    train.load_run(workdir)
-  assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))[0].startswith('8.')
+  assert_a_wrong_record_quarantines_step_8(workdir, record)
 
 
 def preempt_at(monkeypatch, call):

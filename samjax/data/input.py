@@ -186,25 +186,29 @@ def _rows_of(array: np.ndarray, index: tuple, num_rows: int) -> np.ndarray:
   return np.concatenate([part, np.zeros((missing, *part.shape[1:]), array.dtype)])
 
 
+def resident_partition(layout: str, axis_name: str) -> P:
+  """Where the resident split's rows live: ``P()`` when ``'replicated'``, ``P(axis_name)`` when
+  ``'sharded'`` (the one place a layout name becomes a partitioning)."""
+  if layout == 'replicated':
+    return P()
+  if layout == 'sharded':
+    return P(axis_name)
+  raise ValueError(f"layout must be 'replicated' or 'sharded', got {layout!r}")
+
+
 def resident_split(split: Split, mesh: Mesh, layout: str = 'replicated') -> dict[str, jax.Array]:
   """The split on the devices of ``mesh`` (uint8 images, int32 labels, attributes).
 
   ``layout='replicated'``: every device holds the whole split (for :func:`gather_batch`).
   ``'sharded'``: the split, zero-padded to ``D * ceil(N / D)`` rows, is sharded over the mesh's
-  one axis (for :func:`gather_batch_from_shards`; the padding is never indexed).
+  first axis (for :func:`gather_batch_from_shards`; the padding is never indexed).
 
   Every process holds the whole split (every process loads it), so each one fills its own
   devices from its copy: correct with one process or several.
   """
-  if layout not in ('replicated', 'sharded'):
-    raise ValueError(f"layout must be 'replicated' or 'sharded', got {layout!r}")
+  sharding = NamedSharding(mesh, resident_partition(layout, mesh.axis_names[0]))
+  num_rows = len(split) if layout == 'replicated' else -(-len(split) // mesh.size) * mesh.size
   arrays = {'image': split.images, 'label': split.labels, 'attribute': split.attributes}
-  if layout == 'replicated':
-    sharding, num_rows = NamedSharding(mesh, P()), len(split)
-  else:
-    (axis,) = mesh.axis_names
-    sharding = NamedSharding(mesh, P(axis))
-    num_rows = -(-len(split) // mesh.size) * mesh.size
   return {k: jax.make_array_from_callback(
               (num_rows, *v.shape[1:]), sharding,
               lambda index, v=v: _rows_of(v, index, num_rows))

@@ -54,9 +54,9 @@ def _run_sync_draining(coro):
   while the other writes are still in flight; when they finish, tensorstore's completion
   callbacks call ``loop.call_soon_threadsafe`` on the closed loop from its own threads and the
   ``RuntimeError: Event loop is closed`` tracebacks are printed from C++ (sys.excepthook,
-  threading.excepthook and logging filters did not catch them). Here, after the coroutine ends, the loop keeps running until every task it still holds
-  has finished (bounded by ``DRAIN_SECONDS``), so every callback reaches a live loop; only then is
-  it closed. A successful save has no pending tasks: nothing changes for it.
+  threading.excepthook and logging filters did not catch them). Here, after the coroutine ends,
+  the loop keeps running until every task it still holds has finished (bounded by
+  ``DRAIN_SECONDS``), so every callback reaches a live loop; only then is it closed. A successful save has no pending tasks: nothing changes for it.
   """
   loop = asyncio.new_event_loop()
   try:

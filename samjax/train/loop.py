@@ -8,8 +8,8 @@ how well the frozen representation encodes each feature with group-balanced line
 Data order, augmentation and schedules are functions of the step, so a run interrupted and
 resumed from a checkpoint follows the same trajectory as one that ran straight through. Training
 batches are made on the devices from the resident uint8 split or on the host
-(``config.data.placement``; :func:`samjax.data.input.choose_placement`); both give the same
-batches, bit for bit.
+(``config.data.placement``; :func:`samjax.data.input.choose_placement`); every placement gives
+the same batches, bit for bit.
 
 Everything that can be refused (the config, the workdir, the rerun rules, the data set, the
 initial checkpoint) is checked before the workdir is created or written.

@@ -30,7 +30,7 @@ from samjax import SamState
 from samjax import diagnostics
 from samjax.config import MICROBATCH_MODES, PERTURBATIONS
 from samjax.data.dataset import scale_and_offset
-from samjax.data.input import gather_batch, gather_batch_from_shards
+from samjax.data.input import gather_batch, gather_batch_from_shards, resident_partition
 from samjax.gradients import (accumulated_grad, device_varying, mean_over_microbatches,
                               merge_microbatches)
 from samjax.train.optim import find_sam_state, learning_rate_schedule, optimizer_parts
@@ -265,7 +265,7 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
   def fed(state, inputs, resident):
     return local(state, make_batch(resident, inputs))
 
-  resident_sharding = replicated if device_data == 'replicated' else batch_sharding
+  resident_sharding = NamedSharding(mesh, resident_partition(device_data, DATA_AXIS))
   # The resident split is not donated: it serves every step.
   step = jax.jit(fed, in_shardings=(replicated, batch_sharding, resident_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
@@ -283,11 +283,8 @@ def device_data_batch(mesh: Mesh, layout: str = 'replicated') -> Callable:
   ``resident``: :func:`samjax.data.input.resident_split` in that layout; ``inputs``:
   :meth:`samjax.data.input.TrainBatches.device_inputs` as global arrays.
   """
-  if layout == 'replicated':
-    return jax.shard_map(gather_batch, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                         out_specs=P(DATA_AXIS))
-  if layout == 'sharded':
-    return jax.shard_map(functools.partial(gather_batch_from_shards, axis_name=DATA_AXIS),
-                         mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
-                         out_specs=P(DATA_AXIS))
-  raise ValueError(f"device_data must be 'replicated' or 'sharded', got {layout!r}")
+  resident_spec = resident_partition(layout, DATA_AXIS)
+  gather = (gather_batch if layout == 'replicated'
+            else functools.partial(gather_batch_from_shards, axis_name=DATA_AXIS))
+  return jax.shard_map(gather, mesh=mesh, in_specs=(resident_spec, P(DATA_AXIS)),
+                       out_specs=P(DATA_AXIS))

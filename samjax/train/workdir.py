@@ -34,6 +34,7 @@ from typing import Optional
 
 from clu import metric_writers
 from etils import epath
+from flax import traverse_util
 
 from samjax.io_utils import atomic_write_json, atomic_write_text, is_local
 
@@ -45,22 +46,11 @@ TENSORBOARD = 'tensorboard'
 
 # Fields a resumed run may change: its length (num_train_steps, num_epochs; the schedule follows
 # the new length), logging, checkpointing cadence and where batches are made (input threads, the
-# data placement: both placements train bit-identically, and 'auto' may choose otherwise on
+# data placement: every placement trains bit-identically, and 'auto' may choose otherwise on
 # another machine).
 RESUMABLE_FIELDS = ('num_train_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
                     'log_every_steps', 'progress_bar', 'input_workers', 'data.placement',
                     'data.device_memory_budget_mb')
-
-
-def _flat(config: dict, prefix: str = '') -> dict:
-  """``{'a.b': value}`` for every leaf of a nested dict."""
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
 
 
 def config_to_dict(config) -> dict:
@@ -117,7 +107,8 @@ def check_rerun(workdir: epath.Path, config) -> None:
           f'workdir {workdir} holds checkpoints (steps {steps}) but no {CONFIG_FILE}, so the run '
           f'they belong to is unknown; restore {CONFIG_FILE} or use a new --workdir.')
     return
-  saved, current = _flat(saved), _flat(config_to_dict(config))
+  flat = lambda tree: traverse_util.flatten_dict(tree, sep='.')  # {'data.placement': ...}
+  saved, current = flat(saved), flat(config_to_dict(config))
   differing = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
   if differing:
