@@ -5,7 +5,7 @@ real, the catalog-based datasets under ``tfds.testing.mock_data``) and the train
 (``TrainBatches.iterate``: uint8, the config's ``input_workers`` threads, ``device_put``) against
 the images / s the dataset's own train step consumes. Where ``samjax.data`` cannot be imported
 (no TensorFlow, e.g. on an accelerator machine) only the consumer steps are timed; a later run
-with ``--consumers-from=that.json`` compares this host's pipeline with those steps.
+with ``--consumers_from=that.json`` compares this host's pipeline with those steps.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any, Optional
 import jax
 from etils import epath
 
-from bench import timing
-from bench.sizes import ModelCase, PipelineCase, Size, load_config_file
-from bench.steps import build_step
+from experiments.bench import timing
+from experiments.bench.sizes import ModelCase, PipelineCase, Size, load_config_file
+from experiments.bench.steps import build_step
 
 
 @contextlib.contextmanager

@@ -22,8 +22,8 @@ from typing import Any
 
 import jax
 
-from bench import timing
-from bench.sizes import ROOT, Size, load_config_file
+from experiments.bench import timing
+from experiments.bench.sizes import ROOT, Size, load_config_file
 
 
 def toy_config(size: Size):
