@@ -25,7 +25,8 @@ import jax
 from etils import epath
 
 from experiments.bench import timing
-from experiments.bench.sizes import ModelCase, PipelineCase, Size, load_config_file
+from experiments import load_config
+from experiments.bench.sizes import ModelCase, PipelineCase, Size
 from experiments.bench.steps import build_step
 
 
@@ -128,7 +129,7 @@ def bench_pipeline(size: Size, steps_results: Optional[dict],
     for case in size.pipeline_datasets:
       name = case.config
       try:
-        config = load_config_file(os.path.join('configs', f'{case.config}.py'))
+        config = load_config(os.path.join('configs', f'{case.config}.py'))
         data_config = config.data.to_dict()
         data_config.update(dict(case.data_overrides))
         batch_size = case.batch_size or int(config.batch_size)
