@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import os
+import sys
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -77,7 +78,8 @@ def shard_slice(items: Sequence, index: int, count: int) -> list:
 
 def usage_error(message: str) -> None:
   """Bad command-line input: one line on stderr, exit status 2, nothing written."""
-  cli.fail('experiments', message)
+  script = os.path.splitext(os.path.basename(sys.argv[0]))[0]  # table1, table2
+  cli.fail(f'experiments.{script}', message)
 
 
 def finished_records(runs: Iterable[Run], root: str) -> tuple[list[dict], int]:
