@@ -26,6 +26,7 @@ values (the message ends with a command to continue); 74 input/output error (e.g
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -52,7 +53,6 @@ TRAIN_EXTRA_MODULES = ('tensorflow', 'tensorflow_datasets', 'orbax', 'sklearn', 
 
 def initialize_distributed() -> None:
   """Starts JAX's multi-controller runtime when asked (or auto-detected on TPU pods)."""
-  import os  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     if None in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value):
