@@ -2,7 +2,7 @@
 
 One command, one process::
 
-    python experiments/benchmark.py --size=small --out=bench.json
+    python -m experiments.benchmark --size=small --out=bench.json
 
 Sizes (``bench/sizes.py``): ``tiny`` (CI smoke test; tiny models, so its numbers measure dispatch
 overhead more than arithmetic), ``small`` (the paper's conv net on CIFAR-MNIST-shaped batches, a
@@ -36,23 +36,36 @@ def _configure_environment() -> None:
 
 _configure_environment()
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from typing import Any, Optional, Sequence  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
 import jax  # noqa: E402
 import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from bench import device_input, grids, per_example, steps, toy  # noqa: E402
-from bench import input as input_section  # noqa: E402
-from bench.sizes import SIZES  # noqa: E402
+from experiments.bench import device_input, grids, per_example, steps, toy  # noqa: E402
+from experiments.bench import input as input_section  # noqa: E402
+from experiments.bench.sizes import SIZES  # noqa: E402
+from samjax import cli  # noqa: E402
 
 SECTIONS = ('steps', 'scaling', 'toy', 'grids', 'per_example', 'pipeline', 'input')
+PROG = 'benchmark'
+
+_SIZE = flags.DEFINE_enum('size', 'small', sorted(SIZES), 'Size of every section (bench/sizes.py).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Compute dtype of the models (parameters stay float32).')
+_OUT = flags.DEFINE_string('out', '', 'Write the results as JSON to this path (local or gs://).')
+_SECTIONS = flags.DEFINE_list('sections', [], f'Comma list of {", ".join(SECTIONS)}; default all.')
+_REPS = flags.DEFINE_integer('reps', 0, 'Override the round-robin repetitions.', lower_bound=0)
+_STRICT = flags.DEFINE_bool('strict', False, 'Raise on a failing section.')
+_CONSUMERS_FROM = flags.DEFINE_string(
+    'consumers_from', '', "Take the pipeline section's train-step timings from this JSON (the "
+    'same size run elsewhere, e.g. on an accelerator).')
 
 GOALS = {
     # name: (threshold, '<=' | '>=' | '<', description)
@@ -111,9 +124,9 @@ def format_report(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def metadata(args, size) -> dict[str, Any]:
+def metadata(size_name: str, size) -> dict[str, Any]:
   device = jax.devices()[0]
-  return {'size': args.size, 'dtype': args.dtype, 'backend': jax.default_backend(),
+  return {'size': size_name, 'dtype': size.dtype, 'backend': jax.default_backend(),
           'device_kind': getattr(device, 'device_kind', str(device)),
           'num_devices': len(jax.devices()), 'cpu_count': os.cpu_count(),
           'machine': platform.machine(), 'python': platform.python_version(),
@@ -124,22 +137,25 @@ def metadata(args, size) -> dict[str, Any]:
           'load_average_start': [round(x, 2) for x in os.getloadavg()]}
 
 
-def run(args) -> dict[str, Any]:
-  size = dataclasses.replace(SIZES[args.size], dtype=args.dtype)
-  if args.reps:
-    size = dataclasses.replace(size, reps=args.reps)
-  sections = args.sections.split(',') if args.sections else list(SECTIONS)
-  unknown = set(sections) - set(SECTIONS)
+def run(size_name: str = 'small', dtype: str = 'float32', sections=(), reps: int = 0,
+        strict: bool = False, consumers_from: str = '') -> dict[str, Any]:
+  """The JSON of every section in ``sections`` (default all) at the named size."""
+  size = dataclasses.replace(SIZES[size_name], dtype=dtype)
+  if reps:
+    size = dataclasses.replace(size, reps=reps)
+  sections = list(sections) or list(SECTIONS)
+  unknown = sorted(set(sections) - set(SECTIONS))
   if unknown:
-    raise SystemExit(f'unknown sections {sorted(unknown)}; choose from {SECTIONS}')
-  results: dict[str, Any] = {'meta': metadata(args, size)}
+    raise ValueError(f'--sections: unknown {", ".join(unknown)}; choose from '
+                     f'{", ".join(SECTIONS)}.')
+  results: dict[str, Any] = {'meta': metadata(size_name, size)}
   start = time.perf_counter()
   builders = {
       'steps': lambda: steps.bench_steps(size),
       'scaling': lambda: steps.bench_scaling(size),
       'per_example': lambda: per_example.bench_per_example(size),
       'pipeline': lambda: input_section.bench_pipeline(size, results.get('steps'),
-                                                       args.consumers_from),
+                                                       consumers_from),
       'input': lambda: device_input.bench_device_input(size),
       'grids': lambda: grids.bench_grids(size),
       'toy': lambda: toy.bench_toy(size),  # last: it clears JAX's compilation caches
@@ -149,7 +165,7 @@ def run(args) -> dict[str, Any]:
     try:
       results[name] = builders[name]()
     except Exception as e:  # keep the other sections' numbers
-      if args.strict:
+      if strict:
         raise
       results[name] = {'status': 'error', 'reason': repr(e), 'traceback': traceback.format_exc()}
     results['meta'].setdefault('section_wall_s', {})[name] = time.perf_counter() - section_start
@@ -159,27 +175,18 @@ def run(args) -> dict[str, Any]:
   return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--size', choices=sorted(SIZES), default='small')
-  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
-                      help='compute dtype of the models (parameters stay float32)')
-  parser.add_argument('--out', default='', help='write the results as JSON to this path')
-  parser.add_argument('--sections', default='', help=f'comma list of {SECTIONS}; default all')
-  parser.add_argument('--reps', type=int, default=0, help='override the round-robin repetitions')
-  parser.add_argument('--strict', action='store_true', help='raise on a failing section')
-  parser.add_argument('--consumers-from', default='',
-                      help="take the pipeline section's train-step timings from this JSON (the "
-                           'same size run elsewhere, e.g. on an accelerator)')
-  args = parser.parse_args(argv)
-  results = run(args)
+def main(argv) -> None:
+  cli.no_extra_arguments(PROG, argv)
+  with cli.one_line_errors(PROG, catch=(ValueError,)):
+    results = run(_SIZE.value, _DTYPE.value, _SECTIONS.value, _REPS.value, _STRICT.value,
+                  _CONSUMERS_FROM.value)
   print(format_report(results), flush=True)
-  if args.out:
+  if _OUT.value:
     from samjax.io_utils import atomic_write_text  # pylint: disable=g-import-not-at-top
     # Local or gs://; atomic_write creates the parent folder.
-    atomic_write_text(args.out, json.dumps(results, indent=1, default=float))
-  return 0
+    atomic_write_text(_OUT.value, json.dumps(results, indent=1, default=float))
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(
+      PROG, argv, usage=__doc__ + flags.FLAGS.main_module_help()))

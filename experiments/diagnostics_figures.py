@@ -1,7 +1,7 @@
 """Figures 3 and 5 on real data: importance weights at the real parameters vs at the SAM phantom.
 
-  python experiments/diagnostics_figures.py --workdir=runs/digits
-  python experiments/diagnostics_figures.py --workdir=RUN --out=DIR --num_examples=512 --rho=0.05
+  python -m experiments.diagnostics_figures --workdir=runs/digits
+  python -m experiments.diagnostics_figures --workdir=RUN --out=DIR --num_examples=512 --rho=0.05
 
 From the newest checkpoint (or ``--step``) of a run written by ``samjax.train.train_and_evaluate``
 (CelebA, Waterbirds, digits dominoes, ...), on ``--num_examples`` training examples drawn at
@@ -39,6 +39,8 @@ from typing import Any, Optional
 from absl import app, flags, logging
 from etils import epath
 
+from samjax import cli as cli_lib
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Run directory written by samjax.train.train_and_evaluate.')
 flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/diagnostics).')
@@ -51,7 +53,6 @@ flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 flags.DEFINE_integer('seed', 0, 'Seed of the random choice of examples.')
 flags.DEFINE_enum('split', 'train', ['train', 'val', 'test'], 'Split to draw the examples from.')
 
-USAGE_ERROR = 2
 PROG = 'diagnostics_figures'
 FEATURES = ('label', 'attribute')
 
@@ -125,15 +126,12 @@ def save_figure(fig, path: str) -> None:
 def _phantom_fn(model, perturbation: str, opt_config):
   """Jitted ``(variables, images, labels, rho) -> (PhantomDiagnostics, features)``."""
   import jax  # pylint: disable=g-import-not-at-top
-  import samjax  # pylint: disable=g-import-not-at-top
   from samjax import diagnostics  # pylint: disable=g-import-not-at-top
+  from samjax.config import get_field  # pylint: disable=g-import-not-at-top
+  from samjax.optimizers import sam_options  # pylint: disable=g-import-not-at-top
 
-  kwargs = {}
-  if perturbation == 'lsam':
-    head = opt_config.get('head', 'head')
-    kwargs['mask'] = lambda params: samjax.head_mask(params, head)
-  elif perturbation == 'asam':
-    kwargs.update(adaptive=True, adaptive_eta=opt_config.get('adaptive_eta', 0.01))
+  kwargs = sam_options(perturbation, adaptive_eta=get_field(opt_config, 'optimizer.adaptive_eta'),
+                       head=get_field(opt_config, 'optimizer.head'))
 
   def fn(variables, images, labels, rho):
     rest = {k: v for k, v in variables.items() if k != 'params'}
@@ -224,7 +222,7 @@ def compute(workdir: str, *, num_examples: int = 512, rho: Optional[float] = Non
                     'fraction_positive_contribution': float(np.mean(contributions[role] > 0))}
 
   # Jitted: eagerly, every primitive of these would compile on its own (seconds on a CPU).
-  bin_fn = jax.jit(diagnostics.binned_medians, static_argnames='num_bins')
+  bin_fn = jax.jit(diagnostics.binned_medians_2d, static_argnames='num_bins')
   bins = {}
   for name, values in (('real', result.weights), ('phantom', result.phantom_weights),
                        ('log_ratio', result.log_weight_ratio)):
@@ -395,39 +393,25 @@ def run(workdir: str, out: Optional[str] = None, **kwargs) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def _error(message: str) -> None:
-  print(f'{PROG}: error: {message}', file=sys.stderr)
-  sys.exit(USAGE_ERROR)
-
-
 def main(argv) -> None:
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
-  if len(argv) > 1:
-    _error(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli_lib.no_extra_arguments(PROG, argv)
   if not FLAGS.workdir:
-    _error('--workdir is required, e.g. --workdir=runs/digits')
-  try:
+    cli_lib.fail(PROG, '--workdir is required, e.g. --workdir=runs/digits')
+  with cli_lib.one_line_errors(PROG, catch=(ValueError,)):
     paths = run(FLAGS.workdir, FLAGS.out, num_examples=FLAGS.num_examples, rho=FLAGS.rho,
                 num_bins=FLAGS.num_bins, perturbation=FLAGS.perturbation, step=FLAGS.step,
                 seed=FLAGS.seed, split=FLAGS.split)
-  except ValueError as e:
-    if os.environ.get('SAMJAX_DEBUG'):
-      raise
-    _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
   for path in paths.values():
     print(path)
 
 
 def cli(argv=None) -> None:
-  """Parses flags ourselves so that a bad flag is one line and exit code 2, not a usage dump."""
-  argv = sys.argv if argv is None else argv
-  try:
-    FLAGS.unparse_flags()  # a second in-process call starts from the defaults again
-    argv = FLAGS(argv)
-  except flags.Error as e:
-    _error(str(e).splitlines()[0])
-  app.run(main, argv=argv)
+  """Runs the command; a bad flag is one line and exit code 2, not a usage dump."""
+  FLAGS.unparse_flags()  # a second in-process call starts from the defaults again
+  app.run(main, argv=sys.argv if argv is None else argv,
+          flags_parser=lambda a: cli_lib.parse_flags(PROG, a))
 
 
 if __name__ == '__main__':

@@ -26,8 +26,7 @@ import jax
 import numpy as np
 from etils import epath
 
-import grid_train
-import paired
+from experiments import grid_train, paired
 
 DATASET = 'digits_textures'
 LEARNING_RATES = (0.01, 0.05, 0.1)
@@ -288,7 +287,7 @@ def run_study(out: str, shard: tuple[int, int] = (0, 1), merge_only: bool = Fals
   and ``table1_embedded.png``. Returns the summary when written, else None.
   """
   from samjax.io_utils import atomic_write_text, read_json  # pylint: disable=g-import-not-at-top
-  import sweep  # pylint: disable=g-import-not-at-top
+  from experiments import sweep  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   index, count = shard
   tiny = budget == 'tiny'

@@ -14,15 +14,14 @@ the SAM transform first in the chain) and is a pure function of its three number
 :func:`train_grid` runs the points vmapped: one jitted program initialises every point, one
 jitted program takes one step of every point, and the host calls it ``num_steps`` times (see
 :class:`Trainer` for why the loop is not a ``lax.scan``). :func:`train_point` runs one point
-alone (its own jit, no vmap). ``tests/test_grid_train.py`` checks that the two agree to float tolerance, and
-:func:`measure_grid_throughput` times them side by side.
+alone (its own jit, no vmap). ``tests/test_grid_train.py`` checks that the two agree to float
+tolerance, and ``experiments.bench.grids.measure_grid_throughput`` times them side by side.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -30,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import samjax
 from samjax.models import ConvNet
+from samjax.optimizers import perturbation
 from samjax.train.step import cross_entropy
 
 METHODS = ('sgd', 'sam', 'lsam')
@@ -58,11 +57,8 @@ def make_model(recipe: Recipe) -> ConvNet:
 
 def make_optimizer(recipe: Recipe, learning_rate, rho) -> optax.GradientTransformationExtraArgs:
   """``chain([sam | lsam](rho), sgd(cosine(learning_rate), momentum))``; traced values welcome."""
-  parts = []
-  if recipe.method == 'sam':
-    parts.append(samjax.sam(rho))
-  elif recipe.method == 'lsam':
-    parts.append(samjax.lsam(rho))
+  ascent = perturbation(recipe.method, rho)
+  parts = [] if ascent is None else [ascent]
   schedule = optax.cosine_decay_schedule(learning_rate, max(recipe.num_steps, 1))
   parts.append(optax.sgd(schedule, momentum=recipe.momentum or None))
   return optax.chain(*parts)
@@ -184,44 +180,3 @@ def synthetic_task(num_examples: int = 256, shape=(32, 16, 1), seed: int = 0):
   images = rng.normal(size=(num_examples, *shape)).astype(np.float32)
   images[:, :4] += 1.5 * (2 * labels[:, None, None, None] - 1)  # a learnable signal
   return images, labels
-
-
-def measure_grid_throughput(num_points: int = 8, recipe: Optional[Recipe] = None,
-                            num_examples: int = 512, repeats: int = 1) -> dict:
-  """Grid points per second, vmapped vs one at a time, compilation included and excluded.
-
-  Both sides train the same points on the same data (:func:`synthetic_task`). "Sequential"
-  compiles :func:`compiled_point_trainer` once and calls it per point; "vmapped" compiles
-  :func:`compiled_grid_trainer` once and calls it on the whole grid. Cold: the first call of
-  each (its compilation included); warm: the median of ``repeats`` further calls of each, taken
-  round-robin by the benchmark's shared timing method (``experiments/bench/timing.py``).
-  """
-  from bench import timing  # pylint: disable=g-import-not-at-top  (experiments/ is on sys.path)
-  recipe = recipe or Recipe(method='sam', num_steps=50, batch_size=32)
-  images, labels = synthetic_task(num_examples)
-  images, labels = jnp.asarray(images), jnp.asarray(labels)
-  lrs = np.geomspace(0.01, 0.1, num_points).astype(np.float32)
-  rhos = np.linspace(0.0, 0.1, num_points).astype(np.float32)
-  seeds = np.arange(num_points, dtype=np.uint32)
-
-  grid = compiled_grid_trainer(recipe)
-  point = compiled_point_trainer(recipe)
-  run_grid = lambda: train_grid(recipe, images, labels, lrs, rhos, seeds, trainer=grid)
-  run_points = lambda: [train_point(recipe, images, labels, lr, rho, seed, trainer=point)
-                        for lr, rho, seed in zip(lrs, rhos, seeds)]
-  _, vmapped_cold = timing.timed(run_grid)
-  _, sequential_cold = timing.timed(run_points)
-  warm = timing.interleaved({'vmapped': timing.repeat_runner(run_grid),
-                             'sequential': timing.repeat_runner(run_points)}, repeats, 1)
-  vmapped_warm, sequential_warm = (statistics.median(warm[k]) for k in ('vmapped', 'sequential'))
-  return {
-      'num_points': num_points, 'method': recipe.method, 'num_steps': recipe.num_steps,
-      'batch_size': recipe.batch_size, 'width': recipe.width,
-      'devices': f'{jax.devices()[0].platform} x {jax.device_count()}',
-      'vmapped_points_per_s_cold': num_points / vmapped_cold,
-      'sequential_points_per_s_cold': num_points / sequential_cold,
-      'vmapped_points_per_s_warm': num_points / vmapped_warm,
-      'sequential_points_per_s_warm': num_points / sequential_warm,
-      'vmapped_over_sequential_cold': sequential_cold / vmapped_cold,
-      'vmapped_over_sequential_warm': sequential_warm / vmapped_warm,
-  }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import io
 import itertools
 import json
@@ -23,9 +22,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from etils import epath
 
+from experiments import load_config
+from samjax import cli
 from samjax.io_utils import atomic_save_figure, atomic_write_text, read_json
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,37 +46,16 @@ class Run:
                f'{self.method}_lr{self.learning_rate:g}_rho{self.rho:g}_seed{self.seed}')
 
 
-def load_config(config_file: str, arg: Optional[str] = None):
-  path = config_file if os.path.isabs(config_file) else os.path.join(ROOT, config_file)
-  spec = importlib.util.spec_from_file_location('samjax_experiment_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def grid(tag: str, config_file: str, config_arg: Optional[str], learning_rates: Sequence[float],
          rhos: Sequence[float], seeds: Sequence[int]) -> list[Run]:
   return [Run(tag, config_file, config_arg, lr, rho, seed)
           for lr, rho, seed in itertools.product(learning_rates, rhos, seeds)]
 
 
-def _set_dotted(config, key: str, value) -> None:
-  node = config
-  *parents, leaf = key.split('.')
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
-
-
 def run_config(run: Run, overrides: dict):
-  config = load_config(run.config_file, run.config_arg)
-  config.optimizer.name = run.method
-  config.optimizer.learning_rate = run.learning_rate
-  config.optimizer.rho = run.rho
-  config.seed = run.seed
-  for key, value in overrides.items():
-    _set_dotted(config, key, value)
-  return config
+  return load_config(run.config_file, run.config_arg, {
+      'optimizer.name': run.method, 'optimizer.learning_rate': run.learning_rate,
+      'optimizer.rho': run.rho, 'seed': run.seed, **overrides})
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -100,8 +78,8 @@ def shard_slice(items: Sequence, index: int, count: int) -> list:
 
 def usage_error(message: str) -> None:
   """Bad command-line input: one line on stderr, exit status 2, nothing written."""
-  print(message, file=sys.stderr)
-  raise SystemExit(2)
+  script = os.path.splitext(os.path.basename(sys.argv[0]))[0]  # table1, table2
+  cli.fail(f'experiments.{script}', message)
 
 
 def finished_records(runs: Iterable[Run], root: str) -> tuple[list[dict], int]:

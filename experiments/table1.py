@@ -1,7 +1,7 @@
 """Table 1: SGD vs SAM linear-probe error of the easy and the hard feature.
 
-  python experiments/table1.py --out=runs/table1                       # the paper's grids
-  python experiments/table1.py --out=runs/table1 --datasets=digits_dominoes --budget=tiny
+  python -m experiments.table1 --out=runs/table1                       # the paper's grids
+  python -m experiments.table1 --out=runs/table1 --datasets=digits_dominoes --budget=tiny
 
 The paper's grids (PAPER.md): CIFAR-MNIST / FMNIST-MNIST lr {0.01, 0.05, 0.1} x rho {0, .01,
 .03, .05, .07, .1, .2}; CelebA / Waterbirds lr {5e-4, 1e-3, 5e-3, 1e-2} x rho {0, .01, .02, .05,
@@ -13,8 +13,8 @@ The embedded study (no download; :mod:`embedded`): SGD, SAM and LSAM paired by s
 ``digits_textures``, written to ``OUT/table1.json`` (key ``paired``) and
 ``OUT/table1_embedded.md``:
 
-  python experiments/table1.py --embedded --out=runs/embedded          # one point at a time
-  python experiments/table1.py --embedded --vmap --out=runs/embedded   # a method's grid vmapped
+  python -m experiments.table1 --embedded --out=runs/embedded          # one point at a time
+  python -m experiments.table1 --embedded --vmap --out=runs/embedded   # a method's grid vmapped
 
 Any grid spreads over machines with ``--shard=i/n`` (0 <= i < n): each invocation runs the i-th
 interleaved slice, and the slice that completes the grid in ``--out`` (or ``--merge``) writes
@@ -24,14 +24,10 @@ the tables, e.g. a SLURM array ``#SBATCH --array=0-7`` with
 
 from __future__ import annotations
 
-import os
-import sys
-
 from absl import app, flags
 from etils import epath
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import sweep
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', 'runs/table1', 'Output folder (run workdirs and tables).')
@@ -99,7 +95,7 @@ def main(argv):
     sweep.usage_error(f'--num_seeds={FLAGS.num_seeds}: need at least '
                       f'{2 if FLAGS.embedded else 1} (the embedded study\'s intervals need 2).')
   if FLAGS.embedded:
-    import embedded  # pylint: disable=g-import-not-at-top
+    from experiments import embedded  # pylint: disable=g-import-not-at-top
     embedded.run_study(FLAGS.out, shard, FLAGS.merge, FLAGS.budget, FLAGS.num_seeds,
                        FLAGS.data_dir or None, FLAGS.vmap)
     return

@@ -1,7 +1,7 @@
 """Table 2: DomainBed linear-probe accuracy on the held-out domain, SGD vs SAM (Appendix F).
 
-  python experiments/table2.py --out=runs/table2 --manual_dir=/data/domainbed
-  python experiments/table2.py --out=runs/table2 --manual_dir=DIR --datasets=pacs --budget=tiny
+  python -m experiments.table2 --out=runs/table2 --manual_dir=/data/domainbed
+  python -m experiments.table2 --out=runs/table2 --manual_dir=DIR --datasets=pacs --budget=tiny
 
 Each run trains on three domains and probes the fourth (configs/domainbed.py). The grid is
 rho {0, .03, .05, .1} x the learning rates below x four seeds, selected on validation error of
@@ -12,14 +12,10 @@ table.
 
 from __future__ import annotations
 
-import os
-import sys
-
 from absl import app, flags
 from etils import epath
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import sweep
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', 'runs/table2', 'Output folder (run workdirs and tables).')

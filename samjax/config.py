@@ -22,18 +22,20 @@ import numbers
 from typing import Any, Mapping, Optional
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 from ml_collections.config_dict import placeholder
 
-OPTIMIZERS = ('sgd', 'sam', 'lsam', 'asam')
+from samjax.cli import ConfigFileError, first_line
+from samjax.data import registry
+from samjax.data.registry import DATASETS, DOMAINBED_DATASETS, NORMALIZATIONS, PLACEMENTS
+from samjax.optimizers import OPTIMIZERS
+
 MODELS = ('convnet', 'resnet18')
-DATASETS = ('digits_dominoes', 'cifar_mnist', 'fmnist_mnist', 'celeb_a', 'waterbirds', 'domainbed')
 PERTURBATIONS = ('sync', 'per_device')
 SCHEDULES = ('cosine', 'constant')
 DTYPES = ('float32', 'bfloat16')
 MICROBATCH_MODES = ('full_batch', 'per_microbatch')
-NORMALIZATIONS = ('mean_pixel', 'imagenet', 'none')
-DOMAINBED_DATASETS = ('pacs', 'vlcs', 'office_home')
-PLACEMENTS = ('auto', 'device', 'host')
 JOBS = ('train',)
 
 # The step counter is int32 on the device; a seed must fit a uint32 PRNG key.
@@ -294,14 +296,9 @@ def _check_keys(config, prefix: str = '') -> None:
 
 
 def _check_data_rules(data: Mapping[str, Any]) -> None:
-  """Rules between data fields."""
-  if data['name'] == 'domainbed':
-    from samjax.data.builders import domainbed  # pylint: disable=g-import-not-at-top
-    domains = domainbed.CONFIGS[data['domainbed_dataset']].split_names
-    held_out = data['held_out_domain']
-    if not isinstance(held_out, str) or domainbed.canonical_folder_name(held_out) not in domains:
-      _fail('data.held_out_domain', f'must be one of {", ".join(domains)} for '
-            f'{data["domainbed_dataset"]}, got {held_out!r}.')
+  """Rules between data fields (:func:`samjax.data.registry.rule_violations`)."""
+  for field, message in registry.rule_violations(data):
+    _fail(field, message)
 
 
 def validate_train_config(config, num_devices: int) -> None:
@@ -328,12 +325,14 @@ def validate_train_config(config, num_devices: int) -> None:
           f'devices; use a multiple of {num_devices}.')
 
 
-def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+def load_config_file(path: str, arg: Optional[str] = None,
+                     overrides: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
   """``get_config(arg)`` of the config file ``path``; ValueError with one line if that fails.
 
   The one loader of config files (the CLI, tests and experiments): a missing or non-Python
   file, a syntax error, a failing import and a ``get_config`` that raises all become a
-  ``ValueError`` naming the file and the cause.
+  ``ValueError`` naming the file and the cause. ``overrides`` maps dotted fields to values
+  (``{'optimizer.rho': 0.1}``), applied by ml_collections as ``--config.optimizer.rho=0.1`` is.
   """
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
@@ -351,23 +350,47 @@ def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.Con
     raise ValueError(f'config file {path}: syntax error at line {e.lineno}: {e.msg}') from None
   except Exception as e:  # pylint: disable=broad-except  # any failure of the user's file
     raise ValueError(f'config file {path} failed to load: {type(e).__name__}: '
-                     f'{_first_line(e)}') from None
+                     f'{first_line(e)}') from None
   if not callable(getattr(module, 'get_config', None)):
     raise ValueError(f'config file {path} defines no get_config().')
   try:
     config = module.get_config(arg) if arg is not None else module.get_config()
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'config file {path}: get_config() raised {type(e).__name__}: '
-                     f'{_first_line(e)}') from None
+                     f'{first_line(e)}') from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ValueError(f'config file {path}: get_config() returned {type(config).__name__}, not '
                      'an ml_collections.ConfigDict.')
+  if overrides:
+    config.update_from_flattened_dict(dict(overrides))
   return config
 
 
-def _first_line(error: BaseException) -> str:
-  text = str(error)
-  return text.splitlines()[0] if text else '(no message)'
+class _ConfigFileParser(flags.ArgumentParser):
+  """``--config=PATH[:ARG]`` read by :func:`load_config_file` and locked."""
+
+  def flag_type(self) -> str:
+    return 'config object'
+
+  def parse(self, argument):
+    path, _, arg = argument.partition(':')
+    try:
+      config = load_config_file(path, arg or None)
+    except ValueError as e:
+      raise ConfigFileError(first_line(e)) from None
+    config.lock()  # an override of a field the file does not define is refused
+    return config
+
+
+def define_config_flag(name: str = 'config') -> flags.FlagHolder:
+  """ml_collections' ``--config`` flag (``--config.a.b=value`` overrides), read by the one loader.
+
+  The file is read once, when flags are parsed; a file that does not load raises
+  :class:`samjax.cli.ConfigFileError`, which :func:`samjax.cli.parse_flags` prints in one line.
+  """
+  holder = config_flags.DEFINE_config_file(name, None, 'Path to a config file (configs/*.py).')
+  flags.FLAGS[name].parser = _ConfigFileParser()
+  return holder
 
 
 def markdown_table() -> str:

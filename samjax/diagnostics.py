@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samjax.arrays import all_finite, global_norm, is_concrete
 from samjax.transforms import MaskOrFn, phantom_params, resolve_mask
 
 PyTree = Any
@@ -65,15 +66,8 @@ ArrayLike = Union[jax.Array, np.ndarray]
 # ----------------------------------------------------------------------------
 
 
-def _is_concrete(x: Any) -> bool:
-  """True when ``x``'s values can be read on the host (not a tracer, fully local)."""
-  if isinstance(x, jax.core.Tracer):
-    return False
-  return bool(getattr(x, 'is_fully_addressable', True))
-
-
 def _check_finite(name: str, fn: str, x: ArrayLike) -> None:
-  if _is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
+  if is_concrete(x) and not all_finite(x):
     raise ValueError(f'{fn}: {name} contains NaN or inf values.')
 
 
@@ -96,7 +90,7 @@ def _logit_kind(fn: str, logits: jax.Array, labels: jax.Array) -> bool:
         f'{fn}: labels must be integer class ids for logits of shape '
         f'{logits.shape}, got dtype {labels.dtype}.')
   _check_finite('logits', fn, logits)
-  if _is_concrete(labels):
+  if is_concrete(labels):
     values = np.asarray(labels)
     if binary:
       if not (np.all(np.isin(values, (0, 1))) or np.all(np.isin(values, (-1, 1)))):
@@ -339,18 +333,6 @@ def per_example_grads(
   return _map_examples(_single_example_grad(loss_fn, params), batch, n, chunk_size)
 
 
-def _masked_norm(tree: PyTree, mask_tree: PyTree) -> jax.Array:
-  total = jnp.zeros((), jnp.float32)
-  for g, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask_tree)):
-    if isinstance(m, (bool, np.bool_)):
-      if not m:
-        continue  # statically excluded: XLA drops this leaf's gradient entirely
-      total = total + jnp.sum(jnp.square(g.astype(jnp.float32)))
-    else:
-      total = total + jnp.where(m, jnp.sum(jnp.square(g.astype(jnp.float32))), 0.0)
-  return jnp.sqrt(total)
-
-
 def per_example_grad_norms(
     loss_fn: Callable[[PyTree, PyTree], jax.Array],
     params: PyTree,
@@ -385,7 +367,7 @@ def per_example_grad_norms(
   n = _num_examples('per_example_grad_norms', batch)
   mask_tree = resolve_mask(mask, params)
   example_grad = _single_example_grad(loss_fn, params)
-  return _map_examples(lambda ex: _masked_norm(example_grad(ex), mask_tree), batch, n,
+  return _map_examples(lambda ex: global_norm(example_grad(ex), mask_tree), batch, n,
                        chunk_size)
 
 
@@ -543,8 +525,7 @@ def phantom_diagnostics(
       gini=gini(weights),
       phantom_gini=gini(phantom_weights),
       feature_grad_norms=feature_grad_norms,
-      perturbation_norm=jnp.sqrt(sum(
-          jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(perturbation))),
+      perturbation_norm=global_norm(perturbation),
   )
 
 
@@ -649,7 +630,7 @@ def _bin_index(v: jax.Array, edges: jax.Array) -> jax.Array:
   return jnp.where((v >= edges[0]) & (v <= edges[-1]), index, -1)
 
 
-def binned_medians(
+def binned_medians_2d(
     x: ArrayLike,
     y: ArrayLike,
     weights: ArrayLike,
@@ -686,7 +667,7 @@ def binned_medians(
     ValueError: naming ``num_bins``, or ``x``/``y``/``weights`` for
       mismatched shapes or (on concrete inputs) non-finite values.
   """
-  fn = 'binned_medians'
+  fn = 'binned_medians_2d'
   x, y, weights = jnp.asarray(x), jnp.asarray(y), jnp.asarray(weights)
   if isinstance(num_bins, numbers.Integral) and not isinstance(num_bins, bool):
     num_bins = (int(num_bins), int(num_bins))

@@ -1,4 +1,4 @@
-"""experiments/benchmark.py at the tiny size, end to end: every section, finite positive timings.
+"""``python -m experiments.benchmark`` at the tiny size, end to end: every section, finite positive timings.
 
 Nothing here asserts anything about speed: the goals are reported by the benchmark, not tested.
 """
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, 'experiments', 'benchmark.py')
+pytestmark = pytest.mark.slow  # the whole benchmark at its tiny size: minutes
 SECTIONS = ('steps', 'scaling', 'toy', 'grids', 'per_example', 'pipeline', 'input')
 STEP_CONTENDERS = ('sgd', 'sam', 'optax_sam', 'lsam', 'asam', 'sam_diagnostics')
 
@@ -35,8 +35,9 @@ def report(tmp_path_factory):
   for key in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES'):
     env.pop(key, None)
   env.update(JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3')
-  proc = subprocess.run([sys.executable, SCRIPT, '--size=tiny', f'--out={out}'], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  proc = subprocess.run([sys.executable, '-m', 'experiments.benchmark', '--size=tiny',
+                         f'--out={out}'], env=env, capture_output=True, text=True, timeout=600,
+                        cwd=ROOT)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   with open(out) as f:
     return json.load(f), proc.stdout

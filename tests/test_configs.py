@@ -36,6 +36,7 @@ def check_outputs(workdir, result):
     assert len(f.readlines()) == 3
 
 
+@pytest.mark.slow
 def test_celeba_config_under_mock_data(tmp_path):
   config = shrink(load_config('celeba', 'sam'), tmp_path, image_size=32)
   config.data.download = True  # mock_data: the download is a no-op
@@ -46,6 +47,7 @@ def test_celeba_config_under_mock_data(tmp_path):
   assert result['label_feature'] == 'blond_hair' or 'blond' in result['label_feature'].lower()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, builder', [('cifar_mnist', stacked_builders.CifarMnist),
                                            ('fmnist_mnist', stacked_builders.FmnistMnist)])
 def test_stacked_configs_under_mocked_catalog_data(tmp_path, name, builder):

@@ -31,6 +31,11 @@ from samjax.data.builders import waterbirds
 from samjax.data import dataset as dataset_lib
 
 
+def load_dataset(fields, **kwargs):
+  """``samjax.data.load_dataset`` of the data fields ``fields`` with the schema's defaults."""
+  return load_lib.load_dataset(config_lib.data_config(fields), **kwargs)
+
+
 def read_builder_split(builder, split):
   """A whole split of a built dataset as numpy arrays."""
   batches = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False).batch(10_000)))
@@ -78,7 +83,7 @@ def test_load_digits_dominoes(digits_dir):
   config = config_lib.base_train_config().data
   config.name = 'digits_dominoes'
   config.data_dir = digits_dir
-  dataset = load_lib.load_dataset(config)
+  dataset = load_dataset(config)
   assert dataset.label_feature == 'easy_digit' and dataset.easy_feature == 'label'
   assert dataset.num_classes == dataset.num_attributes == 2
   sizes = {name: len(split) for name, split in dataset.splits().items()}
@@ -96,7 +101,7 @@ def test_load_digits_dominoes(digits_dir):
   config.max_train_examples = 250
   config.probe_examples_per_group = 30
   config.normalization = 'none'
-  small = load_lib.load_dataset(config, seed=1)
+  small = load_dataset(config, seed=1)
   assert len(small.train) == 250
   assert np.all(small.probe_train.group_counts() == 30)
   np.testing.assert_array_equal(small.std, 255.0)
@@ -127,7 +132,7 @@ def mock_catalog_sources(num_examples, data_dir, builder_classes):
 
 def test_load_celeb_a_mocked(tmp_path):
   with tfds.testing.mock_data(num_examples=64):
-    dataset = load_lib.load_dataset(
+    dataset = load_dataset(
         {'name': 'celeb_a', 'data_dir': str(tmp_path), 'image_size': 24,
          'normalization': 'imagenet', 'download': True})
   assert dataset.label_feature == 'blond_hair' and dataset.attribute_feature == 'male'
@@ -149,7 +154,7 @@ def test_stacked_builders_from_mocked_sources(tmp_path, name, image_shape, num_c
                                               bottom_feature):
   builder_classes = [stacked_builders.CifarMnist, stacked_builders.FmnistMnist]
   with mock_catalog_sources(600, str(tmp_path), builder_classes):
-    dataset = load_lib.load_dataset({'name': name, 'data_dir': str(tmp_path), 'download': True})
+    dataset = load_dataset({'name': name, 'data_dir': str(tmp_path), 'download': True})
     builder = tfds.builder(name, data_dir=str(tmp_path))
     train = read_builder_split(builder, 'train')
     probe_train = read_builder_split(builder, 'probe_train')
@@ -214,7 +219,7 @@ def waterbirds_config(tmp_path, manual_dir, data_name='data'):
 
 def test_waterbirds_from_extracted_folder(tmp_path):
   write_waterbirds_folder(tmp_path / 'manual')
-  dataset = load_lib.load_dataset(waterbirds_config(tmp_path, tmp_path / 'manual'))
+  dataset = load_dataset(waterbirds_config(tmp_path, tmp_path / 'manual'))
   assert dataset.label_names == ('landbird', 'waterbird')
   assert dataset.attribute_names == ('land', 'water')
   assert dataset.easy_feature == 'attribute'
@@ -229,19 +234,19 @@ def test_waterbirds_from_tarball(tmp_path):
   manual_dir.mkdir()
   with tarfile.open(manual_dir / waterbirds.TARBALL_NAME, 'w:gz') as tar:
     tar.add(root, arcname=waterbirds.FOLDER_NAME)
-  dataset = load_lib.load_dataset(waterbirds_config(tmp_path, manual_dir))
+  dataset = load_dataset(waterbirds_config(tmp_path, manual_dir))
   assert len(dataset.train) == len(dataset.test) == 4 * WATERBIRDS_PER_GROUP_AND_SPLIT
 
 
 def test_waterbirds_missing_download_names_the_path(tmp_path):
   missing = tmp_path / 'no_such_dir'
   with pytest.raises(ValueError, match=str(missing)):
-    load_lib.load_dataset(waterbirds_config(tmp_path, missing))
+    load_dataset(waterbirds_config(tmp_path, missing))
   empty_ish = tmp_path / 'manual'
   empty_ish.mkdir()
   (empty_ish / 'README.txt').write_text('not the data')
   with pytest.raises(ValueError, match='metadata.csv') as error:
-    load_lib.load_dataset(waterbirds_config(tmp_path, empty_ish, 'data2'))
+    load_dataset(waterbirds_config(tmp_path, empty_ish, 'data2'))
   assert str(empty_ish / waterbirds.FOLDER_NAME) in str(error.value)
   assert waterbirds.TARBALL_NAME in str(error.value)
 
@@ -251,7 +256,7 @@ def test_waterbirds_incomplete_folder_names_the_missing_file(tmp_path):
   missing = root / '000.Some_Bird' / 'Some_Bird_0003.jpg'
   os.remove(missing)
   with pytest.raises(ValueError, match=str(missing)):
-    load_lib.load_dataset(waterbirds_config(tmp_path, tmp_path / 'manual'))
+    load_dataset(waterbirds_config(tmp_path, tmp_path / 'manual'))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ def test_domainbed_pacs_protocol(tmp_path):
   config = {'name': 'domainbed', 'domainbed_dataset': 'pacs', 'held_out_domain': 'sketch',
             'data_dir': str(tmp_path / 'data'), 'manual_dir': str(tmp_path / 'manual'),
             'image_size': 8, 'normalization': 'imagenet'}
-  dataset = load_lib.load_dataset(config)
+  dataset = load_dataset(config)
   assert dataset.name == 'domainbed/pacs'
   assert dataset.num_classes == 7 and dataset.num_attributes == 4
   assert dataset.attribute_names == ('art_painting', 'cartoon', 'photo', 'sketch')
@@ -295,7 +300,7 @@ def test_domainbed_pacs_protocol(tmp_path):
 
   # The same data, a different held-out domain: the builder is reused.
   config['held_out_domain'] = 'Art Painting'
-  dataset = load_lib.load_dataset(config)
+  dataset = load_dataset(config)
   assert set(dataset.probe_train.attributes) == {0}
 
 
@@ -305,9 +310,9 @@ def test_domainbed_missing_download_names_the_folders(tmp_path):
             'data_dir': str(tmp_path / 'data'), 'manual_dir': str(tmp_path / 'manual'),
             'image_size': 8}
   with pytest.raises(ValueError, match="sketch") as error:
-    load_lib.load_dataset(config)
+    load_dataset(config)
   assert str(tmp_path / 'manual' / 'PACS') in str(error.value)
 
   config['domainbed_dataset'], config['held_out_domain'] = 'vlcs', 'SUN09'
   with pytest.raises(ValueError, match=str(tmp_path / 'manual' / 'VLCS')):
-    load_lib.load_dataset(config)
+    load_dataset(config)

@@ -369,7 +369,7 @@ def test_binned_medians_hand_example():
   x = np.array([0.2, 0.4, 0.7, 1.5, 1.2, 1.8, 0.1, 1.9, 5.0])
   y = np.array([0.3, 0.6, 0.2, 0.4, 1.5, 1.1, 1.6, 0.2, 0.5])
   w = np.array([1.0, 5.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 100.0])  # the last point is out of range
-  out = diagnostics.binned_medians(x, y, w, 2, x_range=(0, 2), y_range=(0, 2))
+  out = diagnostics.binned_medians_2d(x, y, w, 2, x_range=(0, 2), y_range=(0, 2))
   np.testing.assert_array_equal(out.counts, [[3, 1], [2, 2]])
   np.testing.assert_allclose(out.medians, [[3.0, 7.0], [5.0, 5.0]])
   counts, _, _ = np.histogram2d(x, y, bins=2, range=[(0, 2), (0, 2)])
@@ -382,7 +382,7 @@ def test_binned_medians_match_numpy_and_mark_empty_bins():
   x = rng.normal(size=60).astype(np.float32)
   y = rng.exponential(size=60).astype(np.float32)
   w = rng.uniform(size=60).astype(np.float32)
-  out = jax.jit(diagnostics.binned_medians, static_argnums=3)(x, y, w, (4, 5))
+  out = jax.jit(diagnostics.binned_medians_2d, static_argnums=3)(x, y, w, (4, 5))
   x_edges, y_edges = np.asarray(out.x_edges), np.asarray(out.y_edges)
   ix = np.clip(np.searchsorted(x_edges, x, side='right') - 1, 0, 3)
   iy = np.clip(np.searchsorted(y_edges, y, side='right') - 1, 0, 4)
@@ -400,8 +400,8 @@ def test_binned_medians_match_numpy_and_mark_empty_bins():
 def test_binned_medians_reject_bad_input():
   x = np.arange(4.0)
   with pytest.raises(ValueError, match='num_bins'):
-    diagnostics.binned_medians(x, x, x, 0)
+    diagnostics.binned_medians_2d(x, x, x, 0)
   with pytest.raises(ValueError, match='y'):
-    diagnostics.binned_medians(x, x[:3], x, 2)
+    diagnostics.binned_medians_2d(x, x[:3], x, 2)
   with pytest.raises(ValueError, match='weights'):
-    diagnostics.binned_medians(x, x, np.array([1.0, np.nan, 0.0, 1.0]), 2)
+    diagnostics.binned_medians_2d(x, x, np.array([1.0, np.nan, 0.0, 1.0]), 2)

@@ -1,6 +1,5 @@
-"""experiments/diagnostics_figures.py on a tiny digits-dominoes run: outputs, numbers, bad input."""
+"""``python -m experiments.diagnostics_figures`` on a tiny digits-dominoes run: outputs, numbers, bad input."""
 
-import importlib.util
 import json
 import os
 
@@ -11,26 +10,17 @@ import optax
 import pytest
 
 import samjax
+from experiments import diagnostics_figures as figures
+from experiments import load_config
 from samjax import diagnostics, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_module(path, name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-figures = load_module('experiments/diagnostics_figures.py', 'diagnostics_figures')
 NUM_EXAMPLES = 96
 RHO = 0.1
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  config = load_module('configs/digits_dominoes.py', 'digits_dominoes_config').get_config('sam')
+  config = load_config('configs/digits_dominoes.py', 'sam')
   config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
   config.num_train_steps = 20
   config.batch_size = 16

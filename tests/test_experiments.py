@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 def run_script(script, args, expect=0):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, os.path.join('experiments', script), *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
+  module = 'experiments.' + script.removesuffix('.py')
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == expect, proc.stderr[-3000:]
   return proc
 

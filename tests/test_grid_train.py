@@ -1,15 +1,11 @@
 """A grid trained as one vmapped program equals each of its points trained alone."""
 
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'experiments'))
-import grid_train  # noqa: E402
+from experiments import grid_train
+from experiments.bench.grids import measure_grid_throughput
 
 
 @pytest.mark.parametrize('method', ['sam', pytest.param('lsam', marks=pytest.mark.slow)])
@@ -47,7 +43,7 @@ def test_points_of_one_seed_share_init_and_order_across_methods():
 @pytest.mark.slow
 def test_measure_grid_throughput_reports_both_sides():
   recipe = grid_train.Recipe(method='sgd', num_steps=2, batch_size=8, width=4)
-  numbers = grid_train.measure_grid_throughput(num_points=2, recipe=recipe, num_examples=32)
+  numbers = measure_grid_throughput(num_points=2, recipe=recipe, num_examples=32)
   for key in ('vmapped_points_per_s_warm', 'sequential_points_per_s_warm',
               'vmapped_over_sequential_cold', 'vmapped_over_sequential_warm'):
     assert numbers[key] > 0

@@ -1,17 +1,13 @@
 """Selection on validation error and seed-paired Student-t intervals (experiments/paired.py)."""
 
 import math
-import os
 import statistics
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'experiments'))
-import paired  # noqa: E402
+from experiments import paired
 
 
 def independent_t_interval(values):

@@ -1,12 +1,12 @@
 """The toy study driver: config validation, the run list, and a tiny end-to-end run."""
 
-import importlib.util
 import json
 import os
 import pathlib
 
 import pytest
 
+from samjax.config import load_config_file
 from samjax.toy import study
 from samjax.toy import train as toy_train
 
@@ -14,10 +14,7 @@ CONFIG_PATH = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'toy.py'
 
 
 def get_config(arg=None):
-  spec = importlib.util.spec_from_file_location('toy_config', CONFIG_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(str(CONFIG_PATH), arg)
 
 
 def tiny_config():

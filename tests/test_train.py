@@ -75,6 +75,7 @@ def test_digits_dominoes_trains_for_real_and_writes_every_output(tmp_path, data_
                         'attribute_probe_error', 'group_test_errors'}
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_equals_a_straight_run(tmp_path, data_dir, monkeypatch):
   def config():  # the host pipeline (test_resumed_device_placement_run_... : the device's)
     c = tiny_digits_config(data_dir)
@@ -93,6 +94,7 @@ def test_resume_after_sigterm_equals_a_straight_run(tmp_path, data_dir, monkeypa
   assert_same_run(straight, resumed)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, caplog):
   workdir = str(tmp_path / 'run')
   config = tiny_digits_config(data_dir, 'sgd', steps=16)
@@ -131,6 +133,7 @@ def test_nan_stops_the_run_naming_step_and_quantity(tmp_path, data_dir):
   assert not os.path.exists(os.path.join(workdir, 'checkpoints', '8'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('perturbation, mode', [('per_device', 'per_microbatch'),
                                                 ('sync', 'full_batch')])
 def test_every_step_option_trains_end_to_end(tmp_path, data_dir, perturbation, mode):
@@ -158,6 +161,7 @@ def flip_a_byte_in_array_data(step_dir):
   return target
 
 
+@pytest.mark.slow
 def test_a_byte_flip_in_a_checkpoint_is_caught_and_the_previous_one_used(tmp_path, data_dir,
                                                                          caplog):
   def config(steps):
@@ -252,6 +256,7 @@ def assert_same_run(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('augment, perturbation', [(True, 'sync'), (False, 'sync'),
                                                    (True, 'per_device')])
 def test_device_and_host_placement_train_bit_identically(tmp_path, data_dir, caplog, augment,
@@ -275,6 +280,7 @@ def test_device_and_host_placement_train_bit_identically(tmp_path, data_dir, cap
   assert_same_run(runs['sharded'], runs['host'])
 
 
+@pytest.mark.slow
 def test_resumed_device_placement_run_equals_a_straight_run(tmp_path, data_dir, monkeypatch):
   def config():
     c = tiny_digits_config(data_dir)
@@ -291,6 +297,7 @@ def test_resumed_device_placement_run_equals_a_straight_run(tmp_path, data_dir, 
   assert_same_run(straight, resumed)
 
 
+@pytest.mark.slow
 def test_auto_placement_follows_the_budget_and_device_beyond_it_is_refused(tmp_path, data_dir,
                                                                           caplog):
   config = tiny_digits_config(data_dir, 'sgd', steps=2)
@@ -324,6 +331,7 @@ def test_a_rerun_may_change_the_placement_but_not_the_data():
       workdir_lib.check_rerun(path, config)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_checksum_record_restores_unverified_and_resumes(
     tmp_path, data_dir, caplog):
   from samjax.train import checkpoint as checkpoint_lib
@@ -350,6 +358,7 @@ def test_a_checkpoint_without_a_checksum_record_restores_unverified_and_resumes(
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_in_the_single_item_layout_of_earlier_versions_restores(tmp_path,
                                                                                   caplog):
   """As samjax saved before the checksum item: a manager without item handlers, StandardSave."""

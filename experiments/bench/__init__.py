@@ -1,4 +1,4 @@
-"""The sections of ``experiments/benchmark.py``, one module per thing measured.
+"""The sections of ``python -m experiments.benchmark``, one module per thing measured.
 
 * :mod:`bench.timing`: the one timing method every section uses (round-robin samples, medians,
   ratios, compile-ahead, structural facts of compiled programs).

@@ -36,9 +36,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bench import timing
-from bench.sizes import ModelCase, Size
-from bench.steps import NUM_TRAIN_STEPS, optimizer_config
+from experiments.bench import timing
+from experiments.bench.sizes import ModelCase, Size
+from experiments.bench.steps import NUM_TRAIN_STEPS, optimizer_config
 
 
 def _random_split(num_examples: int, case: ModelCase, seed: int = 0):

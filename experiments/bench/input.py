@@ -5,7 +5,7 @@ real, the catalog-based datasets under ``tfds.testing.mock_data``) and the train
 (``TrainBatches.iterate``: uint8, the config's ``input_workers`` threads, ``device_put``) against
 the images / s the dataset's own train step consumes. Where ``samjax.data`` cannot be imported
 (no TensorFlow, e.g. on an accelerator machine) only the consumer steps are timed; a later run
-with ``--consumers-from=that.json`` compares this host's pipeline with those steps.
+with ``--consumers_from=that.json`` compares this host's pipeline with those steps.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from typing import Any, Optional
 import jax
 from etils import epath
 
-from bench import timing
-from bench.sizes import ModelCase, PipelineCase, Size, load_config_file
-from bench.steps import build_step
+from experiments.bench import timing
+from experiments import load_config
+from experiments.bench.sizes import ModelCase, PipelineCase, Size
+from experiments.bench.steps import build_step
 
 
 @contextlib.contextmanager
@@ -128,7 +129,7 @@ def bench_pipeline(size: Size, steps_results: Optional[dict],
     for case in size.pipeline_datasets:
       name = case.config
       try:
-        config = load_config_file(os.path.join('configs', f'{case.config}.py'))
+        config = load_config(os.path.join('configs', f'{case.config}.py'))
         data_config = config.data.to_dict()
         data_config.update(dict(case.data_overrides))
         batch_size = case.batch_size or int(config.batch_size)

@@ -19,9 +19,9 @@ from samjax import diagnostics
 from samjax.models import create_model, init_variables
 from samjax.train import step as step_lib
 
-from bench import timing
-from bench.sizes import Size
-from bench.steps import synthetic_batch
+from experiments.bench import timing
+from experiments.bench.sizes import Size
+from experiments.bench.steps import synthetic_batch
 
 
 def bench_per_example(size: Size) -> dict[str, Any]:

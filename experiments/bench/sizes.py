@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +125,3 @@ SIZES = {
             PipelineCase('domainbed', 'mock', 512)),
         pipeline_batches=10, pipeline_step_reps=3, input_model=CONVNET_PAPER),
 }
-
-
-def load_config_file(relative_path: str, arg: Optional[str] = None):
-  """``get_config(arg)`` of a config file of the repository (``configs/*.py``)."""
-  from samjax.config import load_config_file as load  # pylint: disable=g-import-not-at-top
-  return load(os.path.join(ROOT, relative_path), arg)

@@ -24,8 +24,8 @@ from samjax.models import create_model
 from samjax.train import optim
 from samjax.train import step as step_lib
 
-from bench import timing
-from bench.sizes import ModelCase, Size
+from experiments.bench import timing
+from experiments.bench.sizes import ModelCase, Size
 
 RHO = 0.05
 LEARNING_RATE = 0.05

@@ -1,4 +1,4 @@
-"""The one timing method of the benchmark (and of ``grid_train.measure_grid_throughput``).
+"""The one timing method of the benchmark (``python -m experiments.benchmark``).
 
 Contenders are compiled ahead of time (:func:`compile_ahead`: ``jit(...).lower(...).compile()``,
 compile time reported on its own), warmed up, then timed *round-robin* (:func:`interleaved`):

@@ -22,13 +22,14 @@ from typing import Any
 
 import jax
 
-from bench import timing
-from bench.sizes import ROOT, Size, load_config_file
+from experiments.bench import timing
+from experiments import ROOT, load_config
+from experiments.bench.sizes import Size
 
 
 def toy_config(size: Size):
   """The paper's main toy sweep (``configs/toy.py``), cut to the size's methods and steps."""
-  config = load_config_file(os.path.join('configs', 'toy.py'))
+  config = load_config(os.path.join('configs', 'toy.py'))
   for key, value in size.toy_overrides:
     config[key] = value
   config.num_steps = size.toy_steps

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from samjax import config as config_lib
+from samjax.data.registry import NORMALIZATIONS
 
 SPLIT_NAMES = ('train', 'val', 'test', 'probe_train', 'probe_test')
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
@@ -166,6 +166,6 @@ def normalization_constants(method: str, train_images: np.ndarray,
     mean = total / count
     std = np.sqrt(np.maximum(total_squares / count - mean ** 2, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1.0).astype(np.float32)
-  raise ValueError(f'data.normalization must be one of {list(config_lib.NORMALIZATIONS)}, got {method!r}')
+  raise ValueError(f'data.normalization must be one of {list(NORMALIZATIONS)}, got {method!r}')
 
 

@@ -69,14 +69,17 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from samjax import config as config_lib
 from samjax import probe
 # Importing the builders registers them with TFDS.
 from samjax.data import builders  # pylint: disable=unused-import
-from samjax.data.builders import domainbed
+from samjax.data import registry
 from samjax.data.dataset import FeatureDataset, Split, normalization_constants
 
-DATASET_NAMES = config_lib.DATASETS
+DATASET_NAMES = registry.DATASETS
+# The data fields this module reads (the schema, samjax.config, defines them all).
+_FIELDS_READ = ('name', 'data_dir', 'download', 'manual_dir', 'image_size', 'val_fraction',
+                'probe_examples_per_group', 'max_train_examples', 'normalization',
+                'domainbed_dataset', 'held_out_domain', 'domain_test_fraction')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +310,9 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> FeatureDataset:
   """Builds (on first use) and loads the dataset named by ``data_config`` into memory.
 
   Args:
-    data_config: the ``config.data`` fields described in the module docstring.
+    data_config: every ``config.data`` field (a ``ConfigDict`` or a mapping), as a validated
+      config holds them; ``samjax.config.data_config(partial)`` fills in the defaults of a
+      partial one and validates it.
     seed: seed of the load-time random choices (validation hold-out, DomainBed parts, probe
       subsets, ``max_train_examples``); not of the training order.
 
@@ -317,7 +322,11 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> FeatureDataset:
   Raises:
     ValueError: for an unknown dataset, domain or field value, or a missing manual download.
   """
-  config = config_lib.data_config(data_config)
+  config = data_config.to_dict() if hasattr(data_config, 'to_dict') else dict(data_config)
+  missing = [key for key in _FIELDS_READ if key not in config]
+  if missing:
+    raise ValueError(f'data config: missing {", ".join(missing)}; resolve a partial one with '
+                     'samjax.config.data_config(...).')
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f'seed must be a non-negative int, got {seed!r}')
   seed = int(seed)
@@ -346,9 +355,9 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> FeatureDataset:
     probe_train = group_balanced_subset(read('probe_train'), _rng(seed, 'probe_train'), cap)
     probe_test = group_balanced_subset(read('probe_test'), _rng(seed, 'probe_test'), cap)
   else:
-    held_out = domainbed.canonical_folder_name(config['held_out_domain'])
+    held_out = registry.canonical_domain_name(config['held_out_domain'])
     training_parts, test_parts = [], []
-    for domain in domainbed.CONFIGS[config['domainbed_dataset']].split_names:
+    for domain in registry.domain_split_names(config['domainbed_dataset']):
       domain_train, domain_test = holdout_split(
           read(domain), config['domain_test_fraction'], _rng(seed, 'domain', domain))
       if domain == held_out:

@@ -7,11 +7,16 @@ name='head')`` so that :func:`samjax.lsam` / :func:`samjax.head_mask` find it. M
 BatchNorm keep its running statistics in the ``batch_stats`` collection: pass
 ``mutable=['batch_stats']`` with ``train=True``.
 
-Config (``config.model``)::
+:func:`create_model` takes a mapping (training passes ``config.model`` with ``dtype`` set from
+``config.compute_dtype``)::
 
     name:  'convnet' | 'resnet18'
     dtype: 'float32' (default) | 'bfloat16'   compute dtype; parameters are always float32
     width: channels of the first layer (convnet: 32, resnet18: 64 by default)
+
+``width`` is an argument of :func:`create_model` for code that builds models itself (the grid
+trainer, the benchmark); it is not a training config field: the schema (``samjax.config``)
+refuses ``config.model.width``, so training always uses the default widths.
 
 Pretrained ResNet-18 weights: ``load_pretrained(path, variables)`` (torchvision state dict as a
 torch file or ``.npz``; see :mod:`samjax.models.convert`).

@@ -13,15 +13,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from samjax import probe
+from samjax.arrays import to_host  # also samjax.train.evaluate.to_host, as the loop reads it
 from samjax.data import input as input_lib
 from samjax.train.step import DATA_AXIS
-
-
-def to_host(x) -> np.ndarray:
-  """A replicated global array as numpy, also when other processes hold some of its devices."""
-  if getattr(x, 'is_fully_addressable', True):
-    return np.asarray(x)
-  return np.asarray(x.addressable_data(0))
 
 
 @functools.lru_cache(maxsize=8)

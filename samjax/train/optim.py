@@ -11,8 +11,9 @@ from typing import Any, Optional
 import jax
 import optax
 
-from samjax import SamState, lsam, sam
-from samjax.config import OPTIMIZERS, SCHEDULES, get_field
+from samjax import SamState
+from samjax.config import SCHEDULES, get_field
+from samjax.optimizers import perturbation
 
 PyTree = Any
 
@@ -35,19 +36,11 @@ def learning_rate_schedule(opt_config, num_train_steps: int) -> optax.Schedule:
 def optimizer_parts(opt_config, num_train_steps: int, *, axis_name: Optional[str] = None,
                     sync_perturbation: bool = True) -> tuple[list, Optional[int]]:
   """The transformations of :func:`make_optimizer`'s chain and the index of the SAM one (or None)."""
-  name = opt_config.name
-  if name not in OPTIMIZERS:
-    raise ValueError(f'optimizer.name must be one of {OPTIMIZERS}, got {name!r}.')
-  parts = []
-  rho = _field(opt_config, 'rho')
-  sam_kwargs = dict(axis_name=axis_name, sync_perturbation=sync_perturbation)
-  if name == 'sam':
-    parts.append(sam(rho, **sam_kwargs))
-  elif name == 'asam':
-    parts.append(sam(rho, adaptive=True, adaptive_eta=_field(opt_config, 'adaptive_eta'),
-                     **sam_kwargs))
-  elif name == 'lsam':
-    parts.append(lsam(rho, head=_field(opt_config, 'head'), **sam_kwargs))
+  ascent = perturbation(opt_config.name, _field(opt_config, 'rho'),
+                        adaptive_eta=_field(opt_config, 'adaptive_eta'),
+                        head=_field(opt_config, 'head'), axis_name=axis_name,
+                        sync_perturbation=sync_perturbation)
+  parts = [] if ascent is None else [ascent]
   sam_index = 0 if parts else None
   clip = _field(opt_config, 'grad_clip_norm')
   if clip:

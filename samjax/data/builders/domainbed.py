@@ -28,6 +28,7 @@ from typing import Iterator
 from etils import epath
 import tensorflow_datasets as tfds
 
+from samjax.data import registry
 from samjax.data.builders.common import manual_dir_or_raise
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
@@ -41,11 +42,6 @@ _OFFICE_HOME_CLASSES = (
     'Paper_Clip', 'Pen', 'Pencil', 'Postit_Notes', 'Printer', 'Push_Pin', 'Radio',
     'Refrigerator', 'Ruler', 'Scissors', 'Screwdriver', 'Shelf', 'Sink', 'Sneakers', 'Soda',
     'Speaker', 'Spoon', 'TV', 'Table', 'Telephone', 'ToothBrush', 'Toys', 'Trash_Can', 'Webcam')
-
-
-def canonical_folder_name(name: str) -> str:
-  """Folder names compare in lower case with spaces as underscores: 'Real World' -> 'real_world'."""
-  return name.strip().lower().replace(' ', '_')
 
 
 @dataclasses.dataclass
@@ -64,21 +60,21 @@ class DomainBedConfig(tfds.core.BuilderConfig):
   @property
   def split_names(self) -> tuple[str, ...]:
     """TFDS split name of every domain."""
-    return tuple(canonical_folder_name(d) for d in self.domains)
+    return tuple(registry.canonical_domain_name(d) for d in self.domains)
 
 
 PACS = DomainBedConfig(
     name='pacs', description='PACS (Li et al., 2017): 9,991 images, 7 classes, 4 domains.',
-    folder='PACS', domains=('art_painting', 'cartoon', 'photo', 'sketch'),
+    folder='PACS', domains=registry.DOMAINBED_DOMAINS['pacs'],
     classes=('dog', 'elephant', 'giraffe', 'guitar', 'horse', 'house', 'person'))
 VLCS = DomainBedConfig(
     name='vlcs', description='VLCS (Fang et al., 2013): 10,729 images, 5 classes, 4 domains.',
-    folder='VLCS', domains=('Caltech101', 'LabelMe', 'SUN09', 'VOC2007'),
+    folder='VLCS', domains=registry.DOMAINBED_DOMAINS['vlcs'],
     classes=('bird', 'car', 'chair', 'dog', 'person'))
 OFFICE_HOME = DomainBedConfig(
     name='office_home',
     description='OfficeHome (Venkateswara et al., 2017): 15,588 images, 65 classes, 4 domains.',
-    folder='office_home', domains=('Art', 'Clipart', 'Product', 'Real World'),
+    folder='office_home', domains=registry.DOMAINBED_DOMAINS['office_home'],
     classes=tuple(sorted(_OFFICE_HOME_CLASSES)))
 CONFIGS = {c.name: c for c in (PACS, VLCS, OFFICE_HOME)}
 
@@ -93,7 +89,7 @@ def _manual_download_instructions(config: DomainBedConfig) -> str:
 
 
 def _subfolders_by_canonical_name(folder: epath.Path) -> dict[str, epath.Path]:
-  return {canonical_folder_name(p.name): p for p in folder.iterdir() if p.is_dir()}
+  return {registry.canonical_domain_name(p.name): p for p in folder.iterdir() if p.is_dir()}
 
 
 def find_domain_class_folders(
@@ -108,20 +104,20 @@ def find_domain_class_folders(
   if not root.is_dir():
     raise ValueError(f'DomainBed {config.name}: the folder {root} does not exist. {instructions}')
   domain_folders = _subfolders_by_canonical_name(root)
-  missing = [d for d in config.domains if canonical_folder_name(d) not in domain_folders]
+  missing = [d for d in config.domains if registry.canonical_domain_name(d) not in domain_folders]
   if missing:
     raise ValueError(
         f'DomainBed {config.name}: {root} lacks the domain folders {missing}. {instructions}')
   tree = {}
   for domain in config.domains:
-    domain_folder = domain_folders[canonical_folder_name(domain)]
+    domain_folder = domain_folders[registry.canonical_domain_name(domain)]
     class_folders = _subfolders_by_canonical_name(domain_folder)
-    missing = [c for c in config.classes if canonical_folder_name(c) not in class_folders]
+    missing = [c for c in config.classes if registry.canonical_domain_name(c) not in class_folders]
     if missing:
       raise ValueError(
           f'DomainBed {config.name}: {domain_folder} lacks the class folders {missing}. '
           f'{instructions}')
-    tree[domain] = {c: class_folders[canonical_folder_name(c)] for c in config.classes}
+    tree[domain] = {c: class_folders[registry.canonical_domain_name(c)] for c in config.classes}
   return tree
 
 
