@@ -44,10 +44,12 @@ def select(records: Sequence[dict], **criteria) -> list[dict]:
 
 def clean(records: Sequence[dict], batch_size: int) -> list[dict]:
   """Runs on clean data at ``batch_size``, at the config's own constants (the
-  sensitivity study's other variants are reported apart)."""
+  sensitivity study's other variants are reported apart), of the main stage and of the
+  sweep's first head (the figures show one head; report.json judges both)."""
   return [r for r in records if r['batch_size'] == batch_size and not r['label_noise']
           and not r['gaussian_noise'] and not r['dropout']
-          and r.get('variant', 'default') == 'default']
+          and r.get('variant', 'default') == 'default' and r.get('stage', 'main') == 'main'
+          and r.get('head', 'constant') == records[0].get('head', 'constant')]
 
 
 def mean_std(records: Sequence[dict], field: str) -> tuple[float, float]:
