@@ -424,9 +424,9 @@ def markdown(config, report: dict, figures: Sequence[str], records) -> str:
       '|---|---|---|---|---|---|---|---|',
   ]
   for c in report['claims']:
-    ci = '-' if c['ci95'] is None else f'[{c["ci95"][0]:+.3f}, {c["ci95"][1]:+.3f}]'
+    ci = '-' if c['ci95'] is None else f'[{c["ci95"][0]:+.4f}, {c["ci95"][1]:+.4f}]'
     lines.append(f'| {c["id"]} | {c["regime"]} | {c["head"]} | **{c["verdict"]}** | '
-                 f'{_num(c["estimate"])} | {ci} | {c["n_seeds"] or "-"} | '
+                 f'{_num(c["estimate"], 4)} | {ci} | {c["n_seeds"] or "-"} | '
                  f'{c["test"].replace("|", chr(92) + "|")} |')
   detailed = [c for c in report['claims'] if c.get('details')]
   if detailed:
