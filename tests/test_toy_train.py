@@ -390,7 +390,7 @@ def test_relative_radius_is_rho_times_the_initial_head_length():
 def test_intervention_head_keeps_the_sign_of_each_coordinate():
   setup = make_setup('iw_lr')
   _, data = params_and_data(make_spec(method='iw_lr'), setup)
-  spec = make_spec(method='iw_lr', fixed_ratio=3.0)
+  spec = make_spec(method='iw_lr', ratio=3.0)
   v_hat = toy_train.intervention_head(jnp.array([-0.4, 0.2]), spec, data, setup)
   length = float(jnp.linalg.norm(data.initial_head))
   np.testing.assert_allclose(v_hat, [-length / np.sqrt(10), 3 * length / np.sqrt(10)], rtol=1e-6)

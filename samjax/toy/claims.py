@@ -364,7 +364,7 @@ def fig5_cell(outputs, indices: Sequence[int], window: str) -> dict:
     target = toy_metrics.log_weight_ratio(get('margin_real'), get('margin_phantom')).ravel()
     s_e, s_h = get('contribution_easy').ravel(), get('contribution_hard').ravel()
     beta, _, r2 = stats.ols(np.column_stack([np.ones(target.size), s_e, s_h]), target)
-    r = get('phantom_head') / get('real_head')  # [snapshots, 2]
+    r = get('phantom_head').astype(np.float64) / get('real_head')  # [snapshots, 2]
     out['easy'].append(beta[1])
     out['hard'].append(beta[2])
     out['contrast'].append((beta[1] - beta[2]) / 2)
