@@ -179,3 +179,15 @@ def test_run_writes_every_output(tmp_path):
   for verdict_row in ('fig2a-gain', 'fig3-gini', 'fig6-iw_lr', 'App. H.1', 'App. H.2'):
     assert verdict_row in report
   assert json.loads((tmp_path / 'report.json').read_text())['claims']
+
+
+def test_balanced_parts_split_large_groups_into_equal_padded_parts():
+  groups = {('lsam', 5): list(range(0, 660)), ('intervention', 5): list(range(660, 840))}
+  parts = study._balanced_parts(groups, cores=2)
+  assert [(key[0], len(indices), size) for key, indices, size in parts] == [
+      ('lsam', 330, 330), ('lsam', 330, 330), ('intervention', 180, 180)]
+  assert sorted(i for _, indices, _ in parts for i in indices) == list(range(840))
+  (part,) = study._balanced_parts({('lsam', 5): [0, 1, 2]}, cores=1)
+  assert part == (('lsam', 5), [0, 1, 2], 3)
+  odd = study._balanced_parts({('lsam', 5): list(range(7))}, cores=2)
+  assert [(len(indices), size) for _, indices, size in odd] == [(4, 4), (3, 4)]

@@ -28,6 +28,7 @@ import json
 import math
 import numbers
 import os
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -398,6 +399,24 @@ def _group_rows(rows: Sequence[RunRow]) -> dict[tuple[str, int], list[int]]:
   return groups
 
 
+def _balanced_parts(groups: dict[tuple[str, int], list[int]],
+                    cores: int) -> list[tuple[tuple[str, int], list[int], int]]:
+  """Each group split into equal parts of at most about ``total runs / cores`` runs:
+  ``(group key, run indices, padded size)``. XLA:CPU runs one of these vmapped programs on
+  about one core, so a group that holds most of the runs (LSAM's) would otherwise keep one
+  core busy long after the others finished. Parts of one group have one size (the last one
+  padded with its last run, whose copies are dropped), so they share one compilation."""
+  total = sum(len(indices) for indices in groups.values())
+  target = max(1, math.ceil(total / max(cores, 1)))
+  parts = []
+  for key, indices in groups.items():
+    count = math.ceil(len(indices) / target)
+    size = math.ceil(len(indices) / count)
+    for k in range(count):
+      parts.append((key, indices[k * size:(k + 1) * size], size))
+  return parts
+
+
 def _stack(trees: Sequence[Any], axis: int):
   return jax.tree.map(lambda *a: np.concatenate(a, axis=axis), *trees)
 
@@ -445,22 +464,42 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
   # one call (one compilation) for every run.
   all_params, all_data = toy_train.compiled_params_and_data(
       train_setup(config, 'lsam', int(config.batch_size)))(run_specs(rows))
-  groups = list(_group_rows(rows).items())
+  parts = _balanced_parts(_group_rows(rows), os.cpu_count() or 1)
   per_run: list[Any] = [None] * len(rows)
+  programs: dict[Any, concurrent.futures.Future] = {}
+  programs_lock = threading.Lock()
+
+  def compiled(setup, state, run_data, specs):
+    """The chunk program of ``setup`` at this shape, compiled once for all parts that need it
+    (the first part compiles, the others wait for it)."""
+    key = (setup, int(specs.seed.shape[0]))
+    with programs_lock:
+      future, owner = programs.get(key), key not in programs
+      if owner:
+        future = programs[key] = concurrent.futures.Future()
+    if owner:
+      try:
+        future.set_result(toy_train.compiled_chunk(setup, eval_every).lower(
+            state, run_data, specs).compile())
+      except BaseException as error:  # the waiting parts re-raise it too
+        future.set_exception(error)
+        raise
+    return future.result()
   bar = tqdm(total=len(rows) * num_steps, unit='step', unit_scale=True, disable=not progress,
              desc='toy study', dynamic_ncols=True)
 
-  def compile_and_train(group) -> None:
-    """One group, start to end, in its own thread: XLA:CPU runs each of these small vmapped
-    programs on about one core, so groups running side by side use the machine's other cores
-    (and one group's compilation overlaps another's training). Each group's arithmetic is the
-    same program on the same inputs as when run alone: results are bitwise the same."""
-    (program, batch_size), indices = group
+  def compile_and_train(part) -> None:
+    """One part of a group, start to end, in its own thread: XLA:CPU runs each of these small
+    vmapped programs on about one core, so parts running side by side use the machine's other
+    cores (and one program's compilation overlaps another's training). A part's arithmetic is
+    a pure function of its runs (and its padding): results do not depend on the threads."""
+    (program, batch_size), indices, size = part
+    padded = list(indices) + [indices[-1]] * (size - len(indices))
     setup = train_setup(config, program, batch_size)
-    take = lambda tree, where=np.asarray(indices): jax.tree.map(lambda a: a[where], tree)
-    specs = run_specs([rows[i] for i in indices])
+    take = lambda tree, where=np.asarray(padded): jax.tree.map(lambda a: a[where], tree)
+    specs = run_specs([rows[i] for i in padded])
     state, run_data = toy_train.init_state_batch(take(all_params), specs, setup), take(all_data)
-    chunk = toy_train.compiled_chunk(setup, eval_every).lower(state, run_data, specs).compile()
+    chunk = compiled(setup, state, run_data, specs)
     results = []
     for _ in range(num_chunks):
       state, result = chunk(state, run_data, specs)
@@ -478,11 +517,11 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
       per_run[i] = (take(stats), take(snapshots), take(evaluations), take(params),
                     train_x[g], train_y[g])
 
-  with bar, concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+  with bar, concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
     bar.set_postfix_str(', '.join(f'{program} batch {batch_size}: {len(indices)} runs'
-                                  for (program, batch_size), indices in groups))
-    for future in [pool.submit(compile_and_train, g) for g in groups]:
-      future.result()  # re-raises a group's error here
+                                  for (program, batch_size), indices, _ in parts))
+    for future in [pool.submit(compile_and_train, p) for p in parts]:
+      future.result()  # re-raises a part's error here
   stats, snapshots, evaluations, params, train_x, train_y = zip(*per_run)
   stack0 = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
   # The precise evaluation, once, for every run at once: one small program.
