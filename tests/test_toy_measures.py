@@ -197,8 +197,8 @@ def test_report_json_claims_recompute_from_their_seeds(sweep, tmp_path):
       half = scipy_stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
       assert c['n_seeds'] == x.size and c['estimate'] == pytest.approx(x.mean())
       np.testing.assert_allclose(c['ci95'], [x.mean() - half, x.mean() + half], rtol=1e-9)
-    if c['verdict'] == 'held' and c['ci95'] is not None:
-      assert not c['ci95'][0] <= 0 <= c['ci95'][1]
+    if c['verdict'] == 'held' and c['ci95'] is not None and not c['id'].startswith('eq10-'):
+      assert not c['ci95'][0] <= 0 <= c['ci95'][1]  # (Eq. 10's "held" is a match, within +-0.02)
   figures = {c['figure'] for c in content['claims']}
   assert {'2A', '2B', '3', '4', '5'} <= figures
   assert {r['regime'] for r in content['regimes']} <= {'flip_free', 'flip'}
