@@ -214,9 +214,11 @@ def gain_claims(all_cells: Sequence[Cell], spread: Optional[float]) -> list[dict
                          f'< SGD_ROOM {SGD_ROOM:g}: no room to improve'))
         continue
       if not radii:
+        why = (f'no radius of the grid is {regime}' if not cell.radii(regime, fitting=False)
+               else f'no {regime} radius fits the training set (every seed train error <= '
+                    f'{MAX_TRAIN_ERROR:g})')
         out.append(claim(id_, '2A', regime, cell.head, UNTESTABLE,
-                         f'{cell.complexity:g} deg: no {regime} radius fits the training set '
-                         f'(every seed train error <= {MAX_TRAIN_ERROR:g})'))
+                         f'{cell.complexity:g} deg: {why}'))
         continue
       rho, lsam = best({r: cell.lsam[r] for r in radii})
       result = paired_difference(cell.sgd, lsam, 'hard_probe_error', 'greater')
