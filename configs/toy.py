@@ -25,13 +25,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Sweep. Runs with the same seed share training set, init and batch order.
   config.seed = 0                     # base key: a run's key is fold_in(key(seed), run seed)
-  config.seeds = (0, 1, 2)
-  config.methods = ('sgd', 'lsam', 'lsam_noflip', 'sam', 'iw_only', 'lr_only', 'iw_lr')
-  config.rhos = (0.5, 1.0, 1.5, 2.0, 2.5)       # LSAM radii; SGD is rho = 0
+  config.seeds = tuple(range(10))    # >= 10: the paired t intervals of report.json
+  config.methods = ('sgd', 'lsam', 'lsam_noflip', 'iw_only', 'lr_only', 'iw_lr')
+  # Heads: 'constant' v_0 = head_init (1, 1); 'random' signed uniform +-head_init/sqrt(2)
+  # (PyTorch's nn.Linear). () = the single head of head_random (the other studies).
+  config.heads = ('constant', 'random')
+  # LSAM radii; SGD is rho = 0. rho_unit 'initial_head': in units of the run's ||v_0||, so
+  # the regime (does v~ flip a feature's sign?) is the same for every head. Below ~0.5 no
+  # step of any seed flips with the constant head (flip-free; a signed random head, whose
+  # coordinates can start near 0, flips at smaller radii); 1-1.8 is the flip regime. The regime
+  # of each radius is measured per head and complexity (report.json's 'regimes').
+  config.rho_unit = 'initial_head'
+  config.rhos = (0.02, 0.05, 0.1, 0.2, 0.45, 1.0, 1.4, 1.8)
+  config.noflip_rhos = (1.4, 1.8)               # LSAM-noflip where LSAM flips; () = all rhos
   config.sam_rhos = (0.1, 0.25, 0.5)            # full SAM's training collapses at 0.75 here
-  config.complexities = (180.0, 360.0, 540.0, 720.0)  # spiral rotation, degrees
-  config.fixed_ratios = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # c = v^_hard / v^_easy
-  config.intervention_complexities = (360.0, 540.0)  # () = all complexities
+  config.complexities = (360.0, 540.0, 720.0)   # spiral rotation, degrees (SGD fails here)
+  config.fixed_ratios = (2.0, 8.0, 32.0)        # c = v^_hard / v^_easy
+  config.intervention_complexities = (360.0,)   # () = all complexities
 
   # Training (Appendix B: constant lr, batch 5, 300 points, no momentum or weight decay).
   config.num_train = 300
@@ -46,7 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Interventions' v^: 'initial' = fixed for the run at the initial head's length
   # (Appendix C fixes v^), 'tracking' = ||v^|| = ||v|| at every step.
   config.intervention_norm = 'initial'
-  config.num_probe = 2000             # fresh points for probe-train and again for probe-test
+  config.num_probe = 2000             # fresh points for probe-train, -validation and -test
+  config.curve_probe = 250            # of probe-train and -test for the per-chunk curves
 
   # Data constants (Appendix E; the paper's values are lost, these are ours).
   config.data = ml_collections.ConfigDict()
@@ -84,6 +95,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg in (None, '', 'main'):
     return config
+  # The other studies: one head, absolute radii, the old grid.
+  config.heads = ()
+  config.rho_unit = 'absolute'
+  config.noflip_rhos = ()
+  config.seeds = (0, 1, 2)
+  config.complexities = (180.0, 360.0, 540.0, 720.0)
   if arg == 'noise':
     config.name = 'noise'
     config.methods = ('sgd', 'lsam')

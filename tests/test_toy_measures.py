@@ -5,6 +5,7 @@ intervention) is trained once; its records are recomputed by hand from the
 logged heads and snapshots.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
+from samjax.toy import claims
 from samjax.toy import metrics as toy_metrics
 from samjax.toy import plots
 from samjax.toy import report
@@ -39,6 +42,9 @@ def measures_config():
   config.hidden = 4
   config.num_probe = 32
   config.compilation_cache_dir = ''
+  config.heads = ('constant',)
+  config.rho_unit = 'absolute'
+  config.noflip_rhos = ()
   return config
 
 
@@ -95,9 +101,12 @@ def test_learning_phase_ratio_by_hand(sweep):
   for i, record in enumerate(records):
     end = record['learning_window_end']
     assert end in set(outputs.eval_steps.tolist())
+    # the phantom head along the real head's orientation: v~_k sgn(v_k)
+    sign = lambda v: np.where(v >= 0, 1.0, -1.0)
+    hard = outputs.stats.phantom_hard[i, :end] * sign(outputs.stats.real_hard[i, :end])
+    easy = outputs.stats.phantom_easy[i, :end] * sign(outputs.stats.real_easy[i, :end])
     with np.errstate(divide='ignore', invalid='ignore'):
-      ratio = (outputs.stats.phantom_hard[i, :end].astype(np.float64).mean()
-               / outputs.stats.phantom_easy[i, :end].astype(np.float64).mean())
+      ratio = hard.astype(np.float64).mean() / easy.astype(np.float64).mean()
     if record['phantom_ratio_learning'] is not None:
       assert record['phantom_ratio_learning'] == pytest.approx(ratio, rel=1e-5)
 
@@ -134,10 +143,10 @@ def test_log_weight_ratio_is_the_log_of_the_weights():
   assert toy_metrics.log_weight_ratio([200.0], [150.0])[0] == pytest.approx(50.0)
 
 
-def test_contribution_regression_is_lstsq_on_the_snapshots(sweep):
+def test_fig5_cell_is_lstsq_on_the_snapshots(sweep):
   _, outputs, _ = sweep
   indices = outputs.select(method='lsam', rho=3.0)
-  fit = report.contribution_regression(outputs, indices)
+  fit = claims.fig5_cell(outputs, indices, 'late')
   late = slice(len(outputs.eval_steps) // 2, None)
   for n, i in enumerate(indices):
     s = outputs.snapshots
@@ -147,9 +156,15 @@ def test_contribution_regression_is_lstsq_on_the_snapshots(sweep):
     design = np.column_stack([np.ones(target.size), pick('contribution_easy'),
                               pick('contribution_hard')])
     want = np.linalg.lstsq(design, target, rcond=None)[0]
-    np.testing.assert_allclose([fit['intercept'][n], fit['easy'][n], fit['hard'][n]], want,
-                               rtol=1e-6, atol=1e-9)
-  assert fit['seeds'] == 3
+    np.testing.assert_allclose([fit['easy'][n], fit['hard'][n]], want[1:], rtol=1e-5, atol=1e-8)
+    # the contrast is the coefficient of s_e - s_h in the regression on (s_e + s_h, s_e - s_h)
+    rotated = np.column_stack([np.ones(target.size),
+                               pick('contribution_easy') + pick('contribution_hard'),
+                               pick('contribution_easy') - pick('contribution_hard')])
+    assert fit['contrast'][n] == pytest.approx(
+        np.linalg.lstsq(rotated, target, rcond=None)[0][2], rel=1e-5, abs=1e-8)
+    heads = s.phantom_head[i, late].astype(np.float64) / s.real_head[i, late]
+    assert fit['identity_hard'][n] == pytest.approx(np.mean(1 - heads[:, 1]), rel=1e-6)
 
 
 def test_snapshot_margins_are_the_weights(sweep):
@@ -161,14 +176,32 @@ def test_snapshot_margins_are_the_weights(sweep):
                              rtol=1e-4, atol=1e-7)
 
 
-def test_report_carries_the_new_verdicts(sweep, tmp_path):
+def test_report_json_claims_recompute_from_their_seeds(sweep, tmp_path):
+  """Every paired claim's estimate and interval recompute from per_seed (scipy's t); no
+  'held' interval contains 0; report.md lists every claim of report.json."""
   config, outputs, records = sweep
   path = report.write_report(config, outputs, records, [], str(tmp_path), train_time_s=0,
                              wall_time_s=0)
+  with open(tmp_path / 'report.json') as f:
+    content = json.load(f)
+  keys = {'id', 'figure', 'regime', 'head', 'verdict', 'n_seeds', 'estimate', 'ci95',
+          'per_seed', 'test'}
   text = open(path).read()
-  for needle in ('survives without the flip', 'regression of log(lambda~/lambda)',
-                 'scale-free', 'fits the training set', 'batch-mean weight'):
-    assert needle in text, needle
+  assert content['claims']
+  for c in content['claims']:
+    assert keys <= set(c) and c['verdict'] in claims.VERDICTS
+    assert c['regime'] in ('flip_free', 'flip', 'all') and c['head'] in ('constant', 'random')
+    assert f'| {c["id"]} |' in text
+    if c['per_seed'] is not None:
+      x = np.asarray(c['per_seed'])
+      half = scipy_stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+      assert c['n_seeds'] == x.size and c['estimate'] == pytest.approx(x.mean())
+      np.testing.assert_allclose(c['ci95'], [x.mean() - half, x.mean() + half], rtol=1e-9)
+    if c['verdict'] == 'held' and c['ci95'] is not None and not c['id'].startswith('eq10-'):
+      assert not c['ci95'][0] <= 0 <= c['ci95'][1]  # (Eq. 10's "held" is a match, within +-0.02)
+  figures = {c['figure'] for c in content['claims']}
+  assert {'2A', '2B', '3', '4', '5'} <= figures
+  assert {r['regime'] for r in content['regimes']} <= {'flip_free', 'flip'}
 
 
 def test_fitting_values_and_unflipped_radii():

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
 from samjax.config import load_config_file
@@ -39,6 +40,9 @@ def tiny_config():
   config.noise.dropout = (0.2,)
   config.noise.hard_only = (True,)
   config.compilation_cache_dir = ''  # tests leave the user's cache alone
+  config.heads = ()  # one head (head_random), absolute radii: the other studies' layout
+  config.rho_unit = 'absolute'
+  config.noflip_rhos = ()
   return config
 
 
@@ -52,12 +56,16 @@ def test_configs_are_valid(arg):
 
 
 def test_default_config_covers_the_issue():
+  """Issue 21: >= 10 seeds, both heads, radii in units of ||v0|| spanning >= 4 flip-free
+  radii (below 1/sqrt(2): no step-0 flip for the constant head) and the flip range."""
   config = get_config()
-  assert {'sgd', 'lsam', 'lsam_noflip', 'sam', 'iw_only', 'lr_only', 'iw_lr'} <= set(
-      config.methods)
+  assert {'sgd', 'lsam', 'lsam_noflip', 'iw_only', 'lr_only', 'iw_lr'} <= set(config.methods)
   assert config.intervention_norm == 'initial'  # Appendix C fixes v^
   assert config.figure_complexity is None  # Fig. 1 where LSAM gains most
-  assert len(config.rhos) >= 5 and len(config.complexities) >= 4 and len(config.seeds) >= 3
+  assert len(config.seeds) >= 10 and tuple(config.heads) == ('constant', 'random')
+  assert config.rho_unit == 'initial_head'
+  assert sum(r < 1 / np.sqrt(2) for r in config.rhos) >= 4 and max(config.rhos) >= 1.4
+  assert set(config.noflip_rhos) <= set(config.rhos)
   assert config.batch_size == 5 and config.num_train == 300
 
 
@@ -92,6 +100,9 @@ def _with(config, field, value):
     ('data.easy_margin', 1.5, r'^data.easy_margin: must be < 1'),
     ('intervention_norm', 'fixed', r'^intervention_norm: expected one of'),
     ('sensitivity_steps', (250,), r'^sensitivity_steps: 250 is not a multiple'),
+    ('heads', ('constant', 'kaiming'), r"^heads: unknown head 'kaiming'"),
+    ('rho_unit', 'meters', r'^rho_unit: expected one of'),
+    ('noflip_rhos', (7.0,), r'^noflip_rhos: 7.0 is not one of rhos'),
 ])
 def test_bad_config_raises_before_compiling(monkeypatch, tmp_path, field, value, message):
   def no_compiling(*args, **kwargs):
@@ -162,5 +173,18 @@ def test_run_writes_every_output(tmp_path):
   report = (tmp_path / 'report.md').read_text()
   for name in expected:
     assert f']({name})' in report
-  for verdict_row in ('Fig. 2A', 'Fig. 3', 'Fig. 6', 'App. H.1', 'App. H.2'):
+  for verdict_row in ('fig2a-gain', 'fig3-gini', 'fig6-iw_lr', 'App. H.1', 'App. H.2'):
     assert verdict_row in report
+  assert json.loads((tmp_path / 'report.json').read_text())['claims']
+
+
+def test_balanced_parts_split_large_groups_into_equal_padded_parts():
+  groups = {('lsam', 5): list(range(0, 660)), ('intervention', 5): list(range(660, 840))}
+  parts = study._balanced_parts(groups, cores=2)
+  assert [(key[0], len(indices), size) for key, indices, size in parts] == [
+      ('lsam', 330, 330), ('lsam', 330, 330), ('intervention', 180, 180)]
+  assert sorted(i for _, indices, _ in parts for i in indices) == list(range(840))
+  (part,) = study._balanced_parts({('lsam', 5): [0, 1, 2]}, cores=1)
+  assert part == (('lsam', 5), [0, 1, 2], 3)
+  odd = study._balanced_parts({('lsam', 5): list(range(7))}, cores=2)
+  assert [(len(indices), size) for _, indices, size in odd] == [(4, 4), (3, 4)]

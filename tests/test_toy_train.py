@@ -166,7 +166,8 @@ def test_lsam_noflip_equals_lsam_without_a_flip():
 
 
 def test_head_init_scale_and_random():
-  """head_init scales v; head_random draws a positive v per seed; neither moves the MLPs."""
+  """head_init scales v; head_random draws a signed v uniform in +-head_init/sqrt(2) (torch's
+  nn.Linear bound 1/sqrt(fan_in), fan_in = 2) per seed; neither moves the MLPs."""
   setup = make_setup('sgd')
   base, _ = params_and_data(make_spec(seed=3), setup)
   scaled, data = params_and_data(make_spec(seed=3, head_init=2.5), setup)
@@ -177,9 +178,15 @@ def test_head_init_scale_and_random():
     random, data = params_and_data(make_spec(seed=seed, head_init=2.0, head_random=True), setup)
     v = np.asarray(toy_model.head_weights(random))
     np.testing.assert_allclose(v, data.initial_head)
-    assert (v > 0).all() and not np.allclose(v[0], v[1])
+    assert (np.abs(v) <= 2.0 / np.sqrt(2.0)).all() and not np.allclose(v[0], v[1])
     heads.append(v)
   assert not np.allclose(heads[0], heads[1])
+  # Over many seeds the draw is uniform on [-b, b]: mean 0, variance b^2 / 3, both signs.
+  many = np.stack([params_and_data(make_spec(seed=s, head_random=True), setup)[1].initial_head
+                   for s in range(200)])
+  bound = 1 / np.sqrt(2.0)
+  assert np.abs(many).max() <= bound and (many < 0).any() and (many > 0).any()
+  assert abs(many.mean()) < 0.06 and many.var() == pytest.approx(bound**2 / 3, rel=0.2)
   for tree in (scaled, random):
     assert_trees_close({k: tree[k] for k in ('phi_easy', 'phi_hard')},
                        {k: params_and_data(make_spec(seed=3 if tree is scaled else 4), setup)[0][k]
@@ -366,3 +373,24 @@ def test_binned_medians_and_spearman():
   np.testing.assert_allclose(medians, 2 * centres)
   assert toy_metrics.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
   assert toy_metrics.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
+
+
+def test_relative_radius_is_rho_times_the_initial_head_length():
+  """rho_relative: the phantom moves v by rho ||v_0|| (checked against the written-out LSAM
+  phantom at the absolute radius)."""
+  setup, _, state, data, x, y = initial('lsam')
+  norm = float(jnp.linalg.norm(data.initial_head))
+  relative, _ = train_step(state, data, make_spec(method='lsam', rho=0.3, rho_relative=True),
+                           setup)
+  absolute, _ = train_step(state, data, make_spec(method='lsam', rho=0.3 * norm), setup)
+  assert_trees_close(relative.params, absolute.params, rtol=1e-6, atol=1e-7)
+  assert norm == pytest.approx(np.sqrt(2.0))  # the constant head (1, 1)
+
+
+def test_intervention_head_keeps_the_sign_of_each_coordinate():
+  setup = make_setup('iw_lr')
+  _, data = params_and_data(make_spec(method='iw_lr'), setup)
+  spec = make_spec(method='iw_lr', ratio=3.0)
+  v_hat = toy_train.intervention_head(jnp.array([-0.4, 0.2]), spec, data, setup)
+  length = float(jnp.linalg.norm(data.initial_head))
+  np.testing.assert_allclose(v_hat, [-length / np.sqrt(10), 3 * length / np.sqrt(10)], rtol=1e-6)

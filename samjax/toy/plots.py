@@ -44,10 +44,12 @@ def select(records: Sequence[dict], **criteria) -> list[dict]:
 
 def clean(records: Sequence[dict], batch_size: int) -> list[dict]:
   """Runs on clean data at ``batch_size``, at the config's own constants (the
-  sensitivity study's other variants are reported apart)."""
+  sensitivity study's other variants are reported apart), of the main stage and of the
+  sweep's first head (the figures show one head; report.json judges both)."""
   return [r for r in records if r['batch_size'] == batch_size and not r['label_noise']
           and not r['gaussian_noise'] and not r['dropout']
-          and r.get('variant', 'default') == 'default']
+          and r.get('variant', 'default') == 'default' and r.get('stage', 'main') == 'main'
+          and r.get('head', 'constant') == records[0].get('head', 'constant')]
 
 
 def mean_std(records: Sequence[dict], field: str) -> tuple[float, float]:
@@ -178,6 +180,19 @@ def figure_runs(config, outputs, records):
               automatic=config.figure_complexity is None)
 
 
+def _rho_axis(ax, config, runs: Sequence[dict], zero: str = '0 = SGD') -> None:
+  """Labels a radius axis in the config's unit, on a symlog scale (the flip-free radii are
+  small), and shades the radii at which some seed's phantom flipped a feature's sign (the
+  flip regime; report.json judges the regimes apart)."""
+  unit = 'rho / ||v0||' if config.get('rho_unit') == 'initial_head' else 'rho'
+  flips = sorted({r['rho'] for r in select(runs, method='lsam')
+                  if r['easy_flip_fraction'] > 0 or r['hard_flip_fraction'] > 0})
+  if flips:
+    ax.axvspan(flips[0], flips[-1], color='tab:orange', alpha=0.12, lw=0)
+  ax.set_xscale('symlog', linthresh=0.05)
+  ax.set_xlabel(f'{unit} ({zero}; shaded: flip regime)')
+
+
 def _save(fig, workdir: str, name: str) -> str:
   """Writes a figure laid out by ``tight_layout`` (not ``bbox_inches='tight'``, which
   lays every figure out a second time: a third of the figures' cost).
@@ -280,7 +295,7 @@ def fig2a_probe_vs_rho(config, outputs, records, workdir) -> Optional[str]:
         rhos, means, stds = rho_curve(runs, method, c, field)
         ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3, color=colors[c],
                     label=f'{c:g} deg')
-      ax.set_xlabel('rho (0 = SGD)')
+      _rho_axis(ax, config, runs)
       ax.set_ylabel(name)
       ax.set_title(f'{method.upper()}: {name}', fontsize=10)
       ax.grid(alpha=0.3)
@@ -322,7 +337,7 @@ def fig2b_ratio_vs_rho(config, outputs, records, workdir) -> Optional[str]:
   axes[0].set_title('ratio of the time-averaged heads')
   axes[1].set_title('median over training steps (defined when v~_easy crosses 0)')
   for ax in axes:
-    ax.set_xlabel('rho (star at 0: SGD end point, apart from the LSAM curve)')
+    _rho_axis(ax, config, runs, zero='star at 0: SGD, apart from the LSAM curve')
     ax.set_ylabel('v_hard / v_easy')
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7, ncol=2)
@@ -379,16 +394,17 @@ def fig4_lr_scale(config, outputs, records, workdir) -> Optional[str]:
     for col, name in enumerate(('easy', 'hard')):
       ax = axes[row, col]
       for c in complexities:
-        rhos, means, stds = rho_curve(runs, 'lsam', c, f'lr_scale_{name}{suffix}')
+        rhos, means, stds = rho_curve(runs, 'lsam', c, f'lr_scale_{name}{suffix}_median')
         ax.errorbar(rhos, means, yerr=stds, marker='o', capsize=3, color=colors[c],
                     label=f'{c:g} deg')
       ax.axhline(1.0, color='gray', lw=0.8)
-      ax.set_xlabel('rho (0 = SGD)')
+      _rho_axis(ax, config, runs)
       ax.set_ylabel(how.format(k=name))
       ax.set_title(f'{name} feature, {"literal" if not suffix else "scale-free"}')
       ax.grid(alpha=0.3)
   axes[0, 0].legend(title='complexity', fontsize=8)
-  fig.suptitle('Fig. 4: learning-rate scaling (mean over steps; mean +- std over seeds)')
+  fig.suptitle('Fig. 4: learning-rate scaling, literal (top) and scale-free (bottom: the weight '
+               'relative to the other feature)\nmedian over steps; mean +- std over seeds')
   fig.tight_layout()
   return _save(fig, workdir, 'fig4_lr_scale.png')
 

@@ -28,6 +28,7 @@ import json
 import math
 import numbers
 import os
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -45,6 +46,11 @@ from samjax.toy import train as toy_train
 
 METHODS = toy_train.METHODS
 INTERVENTIONS = tuple(toy_train.INTERVENTIONS)
+# 'constant': v_0 = head_init (1, 1); 'random': signed uniform +-head_init/sqrt(2) per
+# coordinate (PyTorch's nn.Linear init at head_init = 1).
+HEADS = ('constant', 'random')
+# 'absolute': rho as given; 'initial_head': rho in units of the run's ||v_0||.
+RHO_UNITS = ('absolute', 'initial_head')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,17 @@ class RunRow:
   head_init: float = 1.0
   head_random: bool = False
   data: toy_data.ToyDataConstants = toy_data.ToyDataConstants()
+  # rho in units of the initial head length ||v_0|| (config.rho_unit = 'initial_head').
+  rho_relative: bool = False
+  # 'main': the config's sweep; 'eq10': Eq. 10 at a seed's measured LSAM ratio;
+  # 'rebatch': a cell re-run in another vmapped batch (the chaos check).
+  stage: str = 'main'
+  # Eq. 10 runs: the LSAM radius whose measured ratio set fixed_ratio.
+  lsam_rho: Optional[float] = None
+
+  @property
+  def head(self) -> str:
+    return 'random' if self.head_random else 'constant'
 
   @property
   def noisy(self) -> bool:
@@ -177,6 +194,18 @@ def validate(config) -> None:
   if _field(config, 'figure_complexity') is not None:  # None: where LSAM gains most
     _numbers(config, 'figure_complexity', minimum=0)
   _bool(config, 'head_random')
+  heads = _tuple(_field(config, 'heads'))
+  for head in heads:
+    if head not in HEADS:
+      _fail('heads', f'unknown head {head!r}; choose from {", ".join(HEADS)}')
+  if len(set(heads)) != len(heads):
+    _fail('heads', f'duplicate heads in {heads}')
+  if _field(config, 'rho_unit') not in RHO_UNITS:
+    _fail('rho_unit', f'expected one of {RHO_UNITS}, got {config.rho_unit!r}')
+  for r in _numbers(config, 'noflip_rhos', minimum=0):
+    if r not in _tuple(config.rhos):
+      _fail('noflip_rhos', f'{r!r} is not one of rhos={tuple(config.rhos)}')
+  _numbers(config, 'curve_probe', integer=True, minimum=2)
   if _field(config, 'intervention_norm') not in toy_train.INTERVENTION_NORMS:
     _fail('intervention_norm', f'expected one of {toy_train.INTERVENTION_NORMS}, got '
           f'{config.intervention_norm!r}')
@@ -257,16 +286,25 @@ def build_rows(config) -> list[RunRow]:
   batch_sizes = _tuple(config.batch_sizes) or (config.batch_size,)
   intervention_complexities = (_tuple(config.intervention_complexities)
                                or _tuple(config.complexities))
+  noflip_rhos = _tuple(config.noflip_rhos) or _tuple(config.rhos)
+  rho_relative = config.rho_unit == 'initial_head'
+  settings = variants(config)
+  if _tuple(config.heads):  # the main study: every head at the default knobs
+    default = settings[0][1]
+    settings = [('default', dict(default, head_random=head == 'random'))
+                for head in _tuple(config.heads)] + settings[1:]
   rows = []
-  for variant, knobs_of_variant in variants(config):
+  for variant, knobs_of_variant in settings:
     for position, batch_size in enumerate(batch_sizes):
       for method in methods:
         if position > 0 and method not in ('sgd', 'lsam'):
           continue
         if method == 'sgd':
           knobs = [(0.0, None)]
-        elif method in ('lsam', 'lsam_noflip'):
+        elif method == 'lsam':
           knobs = [(float(r), None) for r in _tuple(config.rhos)]
+        elif method == 'lsam_noflip':
+          knobs = [(float(r), None) for r in noflip_rhos]
         elif method == 'sam':
           knobs = [(float(r), None) for r in _tuple(config.sam_rhos)]
         else:
@@ -279,7 +317,8 @@ def build_rows(config) -> list[RunRow]:
               for seed in _tuple(config.seeds):
                 rows.append(RunRow(method, rho, ratio, float(complexity), int(seed),
                                    int(batch_size), label, gauss, drop, hard_only,
-                                   variant=variant, **knobs_of_variant))
+                                   variant=variant, rho_relative=rho_relative,
+                                   **knobs_of_variant))
   return rows
 
 
@@ -287,7 +326,7 @@ def train_setup(config, program: str, batch_size: int) -> toy_train.TrainSetup:
   return toy_train.TrainSetup(
       program=program, hidden=int(config.hidden), batch_size=int(batch_size),
       num_train=int(config.num_train), num_probe=int(config.num_probe),
-      intervention_norm=str(config.intervention_norm), base_seed=int(config.seed))
+      curve_probe=int(config.curve_probe), intervention_norm=str(config.intervention_norm), base_seed=int(config.seed))
 
 
 def run_specs(rows: Sequence[RunRow]) -> toy_train.RunSpec:
@@ -299,6 +338,7 @@ def run_specs(rows: Sequence[RunRow]) -> toy_train.RunSpec:
   return toy_train.RunSpec(
       seed=column(lambda r: r.seed, np.int32),
       rho=column(lambda r: r.rho or 0.0),
+      rho_relative=column(lambda r: float(r.rho_relative)),
       fixed_ratio=column(lambda r: r.fixed_ratio or 1.0),
       complexity=column(lambda r: r.complexity),
       corruption=toy_data.Corruption(
@@ -323,7 +363,11 @@ class StudyOutputs:
   Attributes:
     rows: the runs.
     eval_steps: ``[S]`` steps after which each evaluation and snapshot was taken.
-    evaluations: :class:`~samjax.toy.train.Evaluation` of ``[R, S]`` arrays.
+    evaluations: :class:`~samjax.toy.train.Evaluation` of ``[R, S]`` arrays (the cheap
+      per-chunk evaluation: the curves).
+    final: :class:`~samjax.toy.train.FinalEvaluation` of ``[R]`` arrays (whole probe
+      samples; every final number of a run).
+    initial_heads: ``[R, 2]`` each run's ``v_0``.
     stats: :class:`~samjax.toy.train.StepStats` of ``[R, num_steps]`` arrays.
     snapshots: :class:`~samjax.toy.train.Snapshot` of ``[R, S, num_train]`` arrays.
     params: final parameters of each run.
@@ -333,6 +377,8 @@ class StudyOutputs:
   rows: list[RunRow]
   eval_steps: np.ndarray
   evaluations: toy_train.Evaluation
+  final: toy_train.FinalEvaluation
+  initial_heads: np.ndarray
   stats: toy_train.StepStats
   snapshots: toy_train.Snapshot
   params: list[Any]
@@ -351,6 +397,24 @@ def _group_rows(rows: Sequence[RunRow]) -> dict[tuple[str, int], list[int]]:
   for i, r in enumerate(rows):
     groups.setdefault((r.program, r.batch_size), []).append(i)
   return groups
+
+
+def _balanced_parts(groups: dict[tuple[str, int], list[int]],
+                    cores: int) -> list[tuple[tuple[str, int], list[int], int]]:
+  """Each group split into equal parts of at most about ``total runs / cores`` runs:
+  ``(group key, run indices, padded size)``. XLA:CPU runs one of these vmapped programs on
+  about one core, so a group that holds most of the runs (LSAM's) would otherwise keep one
+  core busy long after the others finished. Parts of one group have one size (the last one
+  padded with its last run, whose copies are dropped), so they share one compilation."""
+  total = sum(len(indices) for indices in groups.values())
+  target = max(1, math.ceil(total / max(cores, 1)))
+  parts = []
+  for key, indices in groups.items():
+    count = math.ceil(len(indices) / target)
+    size = math.ceil(len(indices) / count)
+    for k in range(count):
+      parts.append((key, indices[k * size:(k + 1) * size], size))
+  return parts
 
 
 def _stack(trees: Sequence[Any], axis: int):
@@ -400,22 +464,42 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
   # one call (one compilation) for every run.
   all_params, all_data = toy_train.compiled_params_and_data(
       train_setup(config, 'lsam', int(config.batch_size)))(run_specs(rows))
-  groups = list(_group_rows(rows).items())
+  parts = _balanced_parts(_group_rows(rows), os.cpu_count() or 1)
   per_run: list[Any] = [None] * len(rows)
+  programs: dict[Any, concurrent.futures.Future] = {}
+  programs_lock = threading.Lock()
+
+  def compiled(setup, state, run_data, specs):
+    """The chunk program of ``setup`` at this shape, compiled once for all parts that need it
+    (the first part compiles, the others wait for it)."""
+    key = (setup, int(specs.seed.shape[0]))
+    with programs_lock:
+      future, owner = programs.get(key), key not in programs
+      if owner:
+        future = programs[key] = concurrent.futures.Future()
+    if owner:
+      try:
+        future.set_result(toy_train.compiled_chunk(setup, eval_every).lower(
+            state, run_data, specs).compile())
+      except BaseException as error:  # the waiting parts re-raise it too
+        future.set_exception(error)
+        raise
+    return future.result()
   bar = tqdm(total=len(rows) * num_steps, unit='step', unit_scale=True, disable=not progress,
              desc='toy study', dynamic_ncols=True)
 
-  def compile_and_train(group) -> None:
-    """One group, start to end, in its own thread: XLA:CPU runs each of these small vmapped
-    programs on about one core, so groups running side by side use the machine's other cores
-    (and one group's compilation overlaps another's training). Each group's arithmetic is the
-    same program on the same inputs as when run alone: results are bitwise the same."""
-    (program, batch_size), indices = group
+  def compile_and_train(part) -> None:
+    """One part of a group, start to end, in its own thread: XLA:CPU runs each of these small
+    vmapped programs on about one core, so parts running side by side use the machine's other
+    cores (and one program's compilation overlaps another's training). A part's arithmetic is
+    a pure function of its runs (and its padding): results do not depend on the threads."""
+    (program, batch_size), indices, size = part
+    padded = list(indices) + [indices[-1]] * (size - len(indices))
     setup = train_setup(config, program, batch_size)
-    take = lambda tree, where=np.asarray(indices): jax.tree.map(lambda a: a[where], tree)
-    specs = run_specs([rows[i] for i in indices])
+    take = lambda tree, where=np.asarray(padded): jax.tree.map(lambda a: a[where], tree)
+    specs = run_specs([rows[i] for i in padded])
     state, run_data = toy_train.init_state_batch(take(all_params), specs, setup), take(all_data)
-    chunk = toy_train.compiled_chunk(setup, eval_every).lower(state, run_data, specs).compile()
+    chunk = compiled(setup, state, run_data, specs)
     results = []
     for _ in range(num_chunks):
       state, result = chunk(state, run_data, specs)
@@ -433,15 +517,19 @@ def run_sweep(config, rows: Optional[Sequence[RunRow]] = None, *,
       per_run[i] = (take(stats), take(snapshots), take(evaluations), take(params),
                     train_x[g], train_y[g])
 
-  with bar, concurrent.futures.ThreadPoolExecutor(len(groups)) as pool:
+  with bar, concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
     bar.set_postfix_str(', '.join(f'{program} batch {batch_size}: {len(indices)} runs'
-                                  for (program, batch_size), indices in groups))
-    for future in [pool.submit(compile_and_train, g) for g in groups]:
-      future.result()  # re-raises a group's error here
+                                  for (program, batch_size), indices, _ in parts))
+    for future in [pool.submit(compile_and_train, p) for p in parts]:
+      future.result()  # re-raises a part's error here
   stats, snapshots, evaluations, params, train_x, train_y = zip(*per_run)
   stack0 = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
+  # The precise evaluation, once, for every run at once: one small program.
+  final = jax.device_get(toy_train.compiled_final_evaluate(
+      train_setup(config, 'lsam', int(config.batch_size)))(stack0(params), all_data))
   return StudyOutputs(rows=rows, eval_steps=eval_every * np.arange(1, num_chunks + 1),
-                      evaluations=stack0(evaluations), stats=stack0(stats),
+                      evaluations=stack0(evaluations), final=final,
+                      initial_heads=np.asarray(all_data.initial_head), stats=stack0(stats),
                       snapshots=stack0(snapshots), params=list(params),
                       train_x=np.stack(train_x), train_y=np.stack(train_y))
 
@@ -478,7 +566,13 @@ def summarize(config, outputs: StudyOutputs) -> list[dict]:
 
 def _record(config, outputs: StudyOutputs, i: int, row: RunRow, gini_real, gini_phantom) -> dict:
   stats = jax.tree.map(lambda a: a[i], outputs.stats)
-  final = jax.tree.map(lambda a: a[i, -1], outputs.evaluations)
+  final = jax.tree.map(lambda a: a[i], outputs.final)
+  v0 = outputs.initial_heads[i]
+  # Heads along the real head's orientation (docs/toy.md): a signed head's ratios then
+  # compare across runs; for a positive head these are the plain coordinates.
+  signs = np.where(np.stack([stats.real_easy, stats.real_hard]) >= 0, 1.0, -1.0)
+  aligned_easy, aligned_hard = np.stack([stats.phantom_easy, stats.phantom_hard]) * signs
+  real_easy, real_hard = np.abs(stats.real_easy), np.abs(stats.real_hard)
   normalised = toy_metrics.normalised_lr_scales(stats.real_easy, stats.real_hard,
                                                 stats.phantom_easy, stats.phantom_hard)
   window_end = toy_metrics.learning_window_end(outputs.evaluations.hard_probe_error[i],
@@ -490,8 +584,15 @@ def _record(config, outputs: StudyOutputs, i: int, row: RunRow, gini_real, gini_
       'head_init': row.head_init,
       'head_random': row.head_random,
       **{f'data_{k}': v for k, v in row.data._asdict().items()},
+      'head': row.head,
+      'stage': row.stage,
+      'initial_head': [float(v) for v in v0],
       'rho': row.rho,
+      'rho_relative': row.rho_relative,
+      'rho_absolute': (None if row.rho is None else
+                       float(row.rho * (np.hypot(*v0) if row.rho_relative else 1.0))),
       'fixed_ratio': row.fixed_ratio,
+      'lsam_rho': row.lsam_rho,
       'complexity': row.complexity,
       'seed': row.seed,
       'steps': int(config.num_steps),
@@ -502,24 +603,30 @@ def _record(config, outputs: StudyOutputs, i: int, row: RunRow, gini_real, gini_
       'noise_hard_only': row.noise_hard_only,
       'hard_probe_error': _finite(final.hard_probe_error),
       'easy_probe_error': _finite(final.easy_probe_error),
+      'hard_probe_error_val': _finite(final.hard_probe_error_val),
+      'easy_probe_error_val': _finite(final.easy_probe_error_val),
       'train_error': _finite(final.train_error),
       'test_error': _finite(final.test_error),
       'phantom_ratio': _finite(np.mean(stats.phantom_ratio)),
-      'phantom_ratio_of_means': _finite(np.mean(stats.phantom_hard)
-                                        / np.mean(stats.phantom_easy)),
+      'phantom_ratio_of_means': _finite(np.mean(aligned_hard) / np.mean(aligned_easy)),
       'real_ratio': _finite(np.mean(stats.real_ratio)),
-      'real_ratio_of_means': _finite(np.mean(stats.real_hard) / np.mean(stats.real_easy)),
+      'real_ratio_of_means': _finite(np.mean(real_hard) / np.mean(real_easy)),
       'phantom_ratio_median': _finite(np.median(stats.phantom_ratio)),
       'real_ratio_median': _finite(np.median(stats.real_ratio)),
       'lr_scale_easy': _finite(np.mean(stats.lr_scale_easy)),
       'lr_scale_hard': _finite(np.mean(stats.lr_scale_hard)),
       'lr_scale_easy_normalised': _finite(np.mean(normalised[0])),
       'lr_scale_hard_normalised': _finite(np.mean(normalised[1])),
+      # Medians over steps: robust where a signed v_k passes near 0 (Fig. 4's verdicts).
+      'lr_scale_easy_median': _finite(np.median(stats.lr_scale_easy)),
+      'lr_scale_hard_median': _finite(np.median(stats.lr_scale_hard)),
+      'lr_scale_easy_normalised_median': _finite(np.median(normalised[0])),
+      'lr_scale_hard_normalised_median': _finite(np.median(normalised[1])),
       'easy_flip_fraction': toy_metrics.flip_fraction(stats.real_easy, stats.phantom_easy),
       'hard_flip_fraction': toy_metrics.flip_fraction(stats.real_hard, stats.phantom_hard),
       'learning_window_end': window_end,
-      'phantom_ratio_learning': _finite(np.mean(stats.phantom_hard[:window_end])
-                                        / np.mean(stats.phantom_easy[:window_end])),
+      'phantom_ratio_learning': _finite(np.mean(aligned_hard[:window_end])
+                                        / np.mean(aligned_easy[:window_end])),
       'gini_real': _finite(np.mean(gini_real)),
       'gini_phantom': _finite(np.mean(gini_phantom)),
       'hard_probe_error_curve': [_finite(e) for e in outputs.evaluations.hard_probe_error[i]],
@@ -569,14 +676,50 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   enable_compilation_cache(str(config.compilation_cache_dir))
   outputs = run_sweep(config)
-  train_time = time.perf_counter() - start
   records = summarize(config, outputs)
+  # Second stage: Eq. 10 at each seed's measured LSAM ratio where LSAM beats SGD, and
+  # the chaos check (cells re-run in another vmapped batch).
+  followups = followup_rows(config, outputs.rows, records)
+  if followups:
+    records += summarize(config, run_sweep(config, followups))
+  train_time = time.perf_counter() - start
   results_path = str(epath.Path(workdir) / 'results.json')
   atomic_write_text(results_path, json.dumps({'config': _json_config(config), 'runs': records},
                                              indent=1, allow_nan=False))
-  figures = plots.make_figures(config, outputs, records, workdir)
+  figures = plots.make_figures(config, outputs, records[:len(outputs.rows)], workdir)
   wall_time = time.perf_counter() - start
   report_path = report.write_report(config, outputs, records, figures, workdir,
                                     train_time_s=train_time, wall_time_s=wall_time)
   return {'results': results_path, 'report': report_path, 'figures': figures,
           'num_runs': len(records), 'wall_time_s': wall_time}
+
+
+def followup_rows(config, rows: Sequence[RunRow], records: Sequence[dict]) -> list[RunRow]:
+  """The second stage of the main study (empty for the other studies).
+
+  * ``'eq10'``: Eq. 10 (``iw_lr``) with ``c`` set to each seed's measured LSAM phantom ratio,
+    at every head, regime and complexity where LSAM's gain over SGD held (claims.py);
+  * ``'rebatch'``: one flip-regime and one flip-free LSAM cell re-run as a vmapped batch of
+    their own (the same runs, another batch composition), to measure how far the flip
+    regime's chaos moves a result.
+  """
+  from samjax.toy import claims  # pylint: disable=g-import-not-at-top
+  if not _tuple(config.heads):
+    return []
+  main = [(row, r) for row, r in zip(rows, records)
+          if row.variant == 'default' and not row.noisy and row.stage == 'main']
+  runs = [r for _, r in main]
+  all_cells = claims.cells(runs)
+  template = {(r['method'], r['head'], r['complexity'], r['rho'], r['seed']): row
+              for row, r in main}
+  out = []
+  if 'iw_lr' in _tuple(config.methods):
+    gains = claims.gain_claims(all_cells, spread=None)
+    for head, complexity, rho, seed, ratio in claims.eq10_rows_spec(gains, runs):
+      row = template[('lsam', head, complexity, rho, seed)]
+      out.append(dataclasses.replace(row, method='iw_lr', rho=None, fixed_ratio=ratio,
+                                     stage='eq10', lsam_rho=rho))
+  for head, complexity, rho in claims.chaos_rows_spec(all_cells):
+    out += [dataclasses.replace(row, stage='rebatch') for (m, h, c, r, _), row in template.items()
+            if (m, h, c, r) == ('lsam', head, complexity, rho)]
+  return out

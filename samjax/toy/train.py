@@ -84,7 +84,11 @@ class TrainSetup:
     hidden: width of each feature MLP.
     batch_size: examples per step.
     num_train: training-set size.
-    num_probe: size of each fresh probe sample (probe-train and probe-test).
+    num_probe: size of each fresh probe sample (probe-train, probe-validation and
+      probe-test, three independent draws).
+    curve_probe: points of probe-train and probe-test used by the cheap evaluation
+      after every chunk (the probe-error curves); the final evaluation uses all
+      ``num_probe`` of each sample.
     intervention_norm: ``'initial'`` (Appendix C: ``v^`` is fixed for the whole
       run, its length that of the initial head) or ``'tracking'`` (``||v^|| =
       ||v||`` at every step).
@@ -96,6 +100,7 @@ class TrainSetup:
   batch_size: int = 5
   num_train: int = 300
   num_probe: int = 2000
+  curve_probe: int = 250
   intervention_norm: str = 'initial'
   base_seed: int = 0
 
@@ -117,16 +122,19 @@ class RunSpec(NamedTuple):
 
   Attributes:
     seed: int32; selects the training set, the init and the batch order.
-    rho: perturbation radius (LSAM, SAM; 0 for SGD; ignored by interventions).
+    rho: perturbation radius (LSAM, SAM; 0 for SGD; ignored by interventions); in
+      units of the run's initial head length ``||v_0||`` when ``rho_relative`` is 1.
     fixed_ratio: ``c = v^_hard / v^_easy`` (interventions; ignored otherwise).
     complexity: spiral rotation in degrees.
     corruption: Appendix H training-feature corruptions.
     data: the distribution's constants, each a scalar array.
     learning_rate: constant step size ``eta``.
     head_init: scale of the initial head ``v``.
-    head_random: 1.0 draws ``v = head_init |z|``, ``z ~ N(0, I_2)`` per run
-      (positive, so a feature's sign is its contribution's); 0.0 sets ``v =
-      head_init (1, 1)``.
+    head_random: 1.0 draws each coordinate of ``v`` uniform in ``+-head_init /
+      sqrt(2)`` per run (PyTorch's ``nn.Linear`` init at ``head_init = 1``: uniform in
+      ``+-1/sqrt(fan_in)``, signed); 0.0 sets ``v = head_init (1, 1)``.
+    rho_relative: 1.0: the radius is ``rho ||v_0||`` (the regime is set by
+      ``rho / ||v_0||``, whatever the head's init); 0.0: ``rho`` itself.
     clip_phantom: 1.0 for LSAM-noflip: each coordinate of ``v~`` that would
       take the sign opposite to ``v``'s is set to 0.
     fix_importance, fix_feature_lr: 1.0 to use ``v^`` in the importance weight
@@ -135,6 +143,7 @@ class RunSpec(NamedTuple):
 
   seed: jax.Array
   rho: jax.Array
+  rho_relative: jax.Array
   fixed_ratio: jax.Array
   complexity: jax.Array
   corruption: toy_data.Corruption
@@ -149,11 +158,13 @@ class RunSpec(NamedTuple):
 
 def make_spec(*, seed=0, rho=0.0, fixed_ratio=1.0, complexity=360.0, corruption=None,
               data: toy_data.ToyDataConstants = toy_data.ToyDataConstants(),
-              learning_rate=0.05, head_init=1.0, head_random=False, method='lsam') -> RunSpec:
+              learning_rate=0.05, head_init=1.0, head_random=False, method='lsam',
+              rho_relative=False) -> RunSpec:
   """The spec of one run of ``method`` (its flags set from the method's name)."""
   f = lambda x: jnp.asarray(x, jnp.float32)
   fix_importance, fix_feature_lr = INTERVENTIONS.get(method, (False, False))
-  return RunSpec(seed=jnp.asarray(seed, jnp.int32), rho=f(rho), fixed_ratio=f(fixed_ratio),
+  return RunSpec(seed=jnp.asarray(seed, jnp.int32), rho=f(rho), rho_relative=f(rho_relative),
+                 fixed_ratio=f(fixed_ratio),
                  complexity=f(complexity),
                  corruption=toy_data.Corruption.clean() if corruption is None else corruption,
                  data=toy_data.ToyDataConstants(*[f(x) for x in data]),
@@ -163,13 +174,16 @@ def make_spec(*, seed=0, rho=0.0, fixed_ratio=1.0, complexity=360.0, corruption=
 
 
 class RunData(NamedTuple):
-  """A run's data: the training set, two fresh clean probe samples, the batch-order
-  key and the initial head (the interventions' ``v^`` takes its length)."""
+  """A run's data: the training set, three fresh clean probe samples (probe-train fits
+  the threshold, probe-validation chooses rho and c, probe-test scores them), the
+  batch-order key and the initial head (the interventions' ``v^`` takes its length)."""
 
   train_x: jax.Array
   train_y: jax.Array
   probe_train_x: jax.Array
   probe_train_y: jax.Array
+  probe_val_x: jax.Array
+  probe_val_y: jax.Array
   probe_test_x: jax.Array
   probe_test_y: jax.Array
   order_key: jax.Array
@@ -183,8 +197,8 @@ class StepStats(NamedTuple):
   real_hard: jax.Array       # v_hard
   phantom_easy: jax.Array    # v~_easy
   phantom_hard: jax.Array    # v~_hard
-  real_ratio: jax.Array      # v_hard / v_easy
-  phantom_ratio: jax.Array   # v~_hard / v~_easy
+  real_ratio: jax.Array      # |v_hard| / |v_easy|
+  phantom_ratio: jax.Array   # (v~_hard sgn v_hard) / (v~_easy sgn v_easy)
   lr_scale_easy: jax.Array   # v~_easy / v_easy
   lr_scale_hard: jax.Array   # v~_hard / v_hard
   weight_real: jax.Array     # mean over the batch of sigma(-y v.Phi)
@@ -213,11 +227,28 @@ class Snapshot(NamedTuple):
   margin_phantom: jax.Array     # y v~.Phi (SAM: y f at its phantom parameters)
   contribution_easy: jax.Array  # y v_easy phi_easy
   contribution_hard: jax.Array  # y v_hard phi_hard
+  real_head: jax.Array          # v [2]
+  phantom_head: jax.Array       # the full-batch phantom head v~ [2]
 
 
 class Evaluation(NamedTuple):
+  """The cheap evaluation after every chunk (``curve_probe`` points per probe sample)."""
+
   hard_probe_error: jax.Array
   easy_probe_error: jax.Array
+  train_error: jax.Array
+  test_error: jax.Array
+
+
+class FinalEvaluation(NamedTuple):
+  """The end-of-training evaluation on the whole probe samples: the threshold is fitted
+  on probe-train and scored on probe-validation (``*_val``, where rho and c are chosen)
+  and on probe-test (where the chosen setting is scored)."""
+
+  hard_probe_error: jax.Array
+  easy_probe_error: jax.Array
+  hard_probe_error_val: jax.Array
+  easy_probe_error_val: jax.Array
   train_error: jax.Array
   test_error: jax.Array
 
@@ -236,18 +267,32 @@ def make_run_data(spec: RunSpec, setup: TrainSetup) -> RunData:
   keys = run_keys(spec, setup)
   train_x, train_y = toy_data.sample_toy(keys['data'], setup.num_train, spec.complexity,
                                          spec.data, spec.corruption)
-  # One draw split in two: probe-train and probe-test are independent fresh samples.
-  probe_x, probe_y = toy_data.sample_toy(keys['probe'], 2 * setup.num_probe, spec.complexity,
+  # One draw split in three: probe-train, probe-validation and probe-test are
+  # independent fresh samples.
+  probe_x, probe_y = toy_data.sample_toy(keys['probe'], 3 * setup.num_probe, spec.complexity,
                                          spec.data)
   n = setup.num_probe
-  return RunData(train_x, train_y, probe_x[:n], probe_y[:n], probe_x[n:], probe_y[n:],
-                 keys['order'], jnp.zeros(2))
+  return RunData(train_x, train_y, probe_x[:n], probe_y[:n], probe_x[n:2 * n],
+                 probe_y[n:2 * n], probe_x[2 * n:], probe_y[2 * n:], keys['order'],
+                 jnp.zeros(2))
 
 
 def initial_head(spec: RunSpec, key: jax.Array) -> jax.Array:
-  """``head_init (1, 1)``, or ``head_init |z|`` with ``z ~ N(0, I_2)`` when ``head_random``."""
-  magnitude = jnp.where(spec.head_random > 0, jnp.abs(jax.random.normal(key, (2,))), 1.0)
-  return spec.head_init * magnitude
+  """``head_init (1, 1)``, or, when ``head_random``, ``head_init u`` with ``u`` uniform in
+  ``[-1/sqrt(2), 1/sqrt(2)]^2``: PyTorch's ``nn.Linear(2, 1)`` init (bound ``1/sqrt(fan_in)``)."""
+  bound = 1.0 / jnp.sqrt(2.0)
+  signed = jax.random.uniform(key, (2,), minval=-bound, maxval=bound)
+  return spec.head_init * jnp.where(spec.head_random > 0, signed, 1.0)
+
+
+def radius(spec: RunSpec, data: RunData) -> jax.Array:
+  """The run's perturbation radius: ``rho``, or ``rho ||v_0||`` when ``rho_relative``."""
+  return spec.rho * jnp.where(spec.rho_relative > 0, jnp.linalg.norm(data.initial_head), 1.0)
+
+
+def head_signs(v: jax.Array) -> jax.Array:
+  """``sgn v`` with 0 counted positive: the orientation of each feature's weight."""
+  return jnp.where(v >= 0, 1.0, -1.0)
 
 
 def make_optimizer(setup: TrainSetup, spec: RunSpec) -> optax.GradientTransformationExtraArgs:
@@ -278,13 +323,15 @@ def fixed_ratio_head(norm: jax.Array, ratio: jax.Array) -> jax.Array:
 
 
 def intervention_head(v: jax.Array, spec: RunSpec, data: RunData, setup: TrainSetup) -> jax.Array:
-  """The interventions' ``v^``: ratio ``c``; length ``||v_0||`` (fixed for the run, as
-  Appendix C fixes ``v^_easy`` and ``v^_hard``) or ``||v||`` (``'tracking'``)."""
+  """The interventions' ``v^``: ratio ``c`` of magnitudes, each coordinate with the sign of
+  ``v``'s (a signed random head keeps each feature's orientation; a positive head is
+  unchanged); length ``||v_0||`` (fixed for the run, as Appendix C fixes ``v^_easy`` and
+  ``v^_hard``) or ``||v||`` (``'tracking'``)."""
   if setup.intervention_norm == 'tracking':
     norm = jnp.linalg.norm(v)
   else:
     norm = jnp.linalg.norm(data.initial_head)
-  return fixed_ratio_head(norm, spec.fixed_ratio)
+  return head_signs(v) * fixed_ratio_head(norm, spec.fixed_ratio)
 
 
 def intervention_grads(params: PyTree, x: jax.Array, y: jax.Array, v_hat: jax.Array, *,
@@ -332,12 +379,12 @@ def phantom_of(params: PyTree, grads: PyTree, spec: RunSpec, data: RunData,
   """The parameters whose head replaces ``v`` in the method's update (see module doc)."""
   v = toy_model.head_weights(params)
   if setup.program == 'lsam':
-    phantom = samjax.phantom_params(params, grads, spec.rho, mask=samjax.head_mask)[0]
+    phantom = samjax.phantom_params(params, grads, radius(spec, data), mask=samjax.head_mask)[0]
     v_phantom = toy_model.head_weights(phantom)
     v_phantom = jnp.where(spec.clip_phantom > 0, clip_at_zero(v, v_phantom), v_phantom)
     return toy_model.with_head_weights(phantom, v_phantom)
   if setup.program == 'sam':
-    return samjax.phantom_params(params, grads, spec.rho)[0]
+    return samjax.phantom_params(params, grads, radius(spec, data))[0]
   return toy_model.with_head_weights(params, intervention_head(v, spec, data, setup))
 
 
@@ -345,9 +392,12 @@ def head_stats(v: jax.Array, v_phantom: jax.Array, features: jax.Array,
                y: jax.Array) -> StepStats:
   weight_real = toy_model.importance_weights(features @ v, y)
   weight_phantom = toy_model.importance_weights(features @ v_phantom, y)
+  # Ratios of the heads measured along the real head's orientation, so that a signed
+  # head's ratios compare across runs (for a positive head they are the plain ratios).
+  aligned = v_phantom * head_signs(v)
   return StepStats(real_easy=v[0], real_hard=v[1], phantom_easy=v_phantom[0],
-                   phantom_hard=v_phantom[1], real_ratio=v[1] / v[0],
-                   phantom_ratio=v_phantom[1] / v_phantom[0],
+                   phantom_hard=v_phantom[1], real_ratio=jnp.abs(v[1]) / jnp.abs(v[0]),
+                   phantom_ratio=aligned[1] / aligned[0],
                    lr_scale_easy=v_phantom[0] / v[0], lr_scale_hard=v_phantom[1] / v[1],
                    weight_real=jnp.mean(weight_real), weight_phantom=jnp.mean(weight_phantom),
                    weight_max_share=jnp.max(weight_real) / jnp.sum(weight_real))
@@ -442,23 +492,62 @@ def snapshot(params: PyTree, data: RunData, spec: RunSpec, setup: TrainSetup) ->
                   weight_phantom=toy_model.importance_weights(phantom_logits, y),
                   margin_real=y * logits, margin_phantom=y * phantom_logits,
                   contribution_easy=y * v[0] * features[:, 0],
-                  contribution_hard=y * v[1] * features[:, 1])
+                  contribution_hard=y * v[1] * features[:, 1],
+                  real_head=v, phantom_head=toy_model.head_weights(phantom))
 
 
 def evaluate(params: PyTree, data: RunData, setup: TrainSetup) -> Evaluation:
-  """Probe errors of each feature on fresh clean data, training and test error of ``f``."""
+  """The cheap evaluation after a chunk: probe errors on the first ``curve_probe`` points
+  of probe-train (fit) and probe-test (score), training error, test error of ``f``.
+
+  A twentieth of the data of :func:`final_evaluate`: the per-chunk evaluation was half
+  of the training time with the whole samples, and the curves only locate when the
+  features are learned."""
+  n = min(setup.curve_probe, setup.num_probe)
   model = setup.model
-  _, probe_train_features = model.apply({'params': params}, data.probe_train_x,
+  _, probe_train_features = model.apply({'params': params}, data.probe_train_x[:n],
                                         return_features=True)
-  test_logits, probe_test_features = model.apply({'params': params}, data.probe_test_x,
+  test_logits, probe_test_features = model.apply({'params': params}, data.probe_test_x[:n],
                                                  return_features=True)
-  errors = [toy_probe.probe_error(probe_train_features[:, k], data.probe_train_y,
-                                  probe_test_features[:, k], data.probe_test_y)
+  errors = [toy_probe.probe_error(probe_train_features[:, k], data.probe_train_y[:n],
+                                  probe_test_features[:, k], data.probe_test_y[:n])
             for k in range(2)]
   train_logits = model.apply({'params': params}, data.train_x)
   return Evaluation(hard_probe_error=errors[1], easy_probe_error=errors[0],
                     train_error=jnp.mean(jnp.sign(train_logits) != data.train_y),
-                    test_error=jnp.mean(jnp.sign(test_logits) != data.probe_test_y))
+                    test_error=jnp.mean(jnp.sign(test_logits) != data.probe_test_y[:n]))
+
+
+def final_evaluate(params: PyTree, data: RunData, setup: TrainSetup) -> FinalEvaluation:
+  """Probe errors on the whole samples: fitted on probe-train, scored on probe-validation
+  and probe-test; training error and test error of ``f``."""
+  model = setup.model
+  features = lambda x: model.apply({'params': params}, x, return_features=True)
+  _, train_features = features(data.probe_train_x)
+  _, val_features = features(data.probe_val_x)
+  test_logits, test_features = features(data.probe_test_x)
+  probes = [toy_probe.fit_threshold_probe(train_features[:, k], data.probe_train_y)
+            for k in range(2)]
+  error = lambda k, f, y: jnp.mean(toy_probe.probe_predict(probes[k], f[:, k]) != y)
+  train_logits = model.apply({'params': params}, data.train_x)
+  return FinalEvaluation(
+      hard_probe_error=error(1, test_features, data.probe_test_y),
+      easy_probe_error=error(0, test_features, data.probe_test_y),
+      hard_probe_error_val=error(1, val_features, data.probe_val_y),
+      easy_probe_error_val=error(0, val_features, data.probe_val_y),
+      train_error=jnp.mean(jnp.sign(train_logits) != data.train_y),
+      test_error=jnp.mean(jnp.sign(test_logits) != data.probe_test_y))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_final_evaluate(setup: TrainSetup):
+  return jax.jit(jax.vmap(functools.partial(final_evaluate, setup=setup)))
+
+
+def compiled_final_evaluate(setup: TrainSetup):
+  """:func:`final_evaluate` vmapped over runs, jitted: one small program serves every
+  program and batch size of a study."""
+  return _compiled_final_evaluate(_params_and_data_setup(setup))
 
 
 class ChunkResult(NamedTuple):
@@ -537,6 +626,7 @@ def clear_compilation_caches() -> None:
   """Forgets every compiled toy program of this process (benchmarks time cold starts)."""
   _compiled_params_and_data.cache_clear()
   compiled_chunk.cache_clear()
+  _compiled_final_evaluate.cache_clear()
 
 
 # experiments/bench/toy.py clears the compiled programs through this name.
