@@ -274,8 +274,8 @@ def test_fig5_binned_medians_refuse_nan_under_jit_as_eagerly():
   rng = np.random.default_rng(0)
   x, y, w = rng.random(50), rng.random(50), rng.random(50)
   unit = np.array([0.0, 1.0])
-  binned = plots._binned_medians(x, y, w, unit, unit, num_bins=4)
+  binned = plots._binned_medians_2d(x, y, w, unit, unit, num_bins=4)
   assert int(np.sum(binned.counts)) == 50
   w[3] = np.nan
   with pytest.raises(ValueError, match='weights contains NaN'):
-    plots._binned_medians(x, y, w, unit, unit, num_bins=4)
+    plots._binned_medians_2d(x, y, w, unit, unit, num_bins=4)

@@ -366,9 +366,9 @@ def test_threshold_probe():
   assert probe_error(separable, labels, separable, half) == pytest.approx(0.5)
 
 
-def test_binned_medians_and_spearman():
+def test_equal_count_binned_medians_and_spearman():
   values = np.arange(100.0)
-  centres, medians = toy_metrics.binned_medians(values, 2 * values, num_bins=4)
+  centres, medians = toy_metrics.equal_count_binned_medians(values, 2 * values, num_bins=4)
   np.testing.assert_allclose(centres, [12, 37, 62, 87])
   np.testing.assert_allclose(medians, 2 * centres)
   assert toy_metrics.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

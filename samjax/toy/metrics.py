@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def binned_medians(values, weights, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
+def equal_count_binned_medians(values, weights, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
   """Median of ``weights`` in ``num_bins`` equal-count bins of ``values``.
 
   Returns ``(bin centres (median value in the bin), median weight per bin)``;

@@ -486,8 +486,8 @@ def importance_by_contribution(outputs, indices: Sequence[int], num_bins: int = 
   result = {}
   for name in ('easy', 'hard'):
     contribution = pool(f'contribution_{name}')
-    centres, real_medians = toy_metrics.binned_medians(contribution, real, num_bins)
-    _, phantom_medians = toy_metrics.binned_medians(contribution, phantom, num_bins)
+    centres, real_medians = toy_metrics.equal_count_binned_medians(contribution, real, num_bins)
+    _, phantom_medians = toy_metrics.equal_count_binned_medians(contribution, phantom, num_bins)
     result[name] = (centres, real_medians, phantom_medians)
   return result
 
@@ -547,26 +547,26 @@ def importance_2d(outputs, indices: Sequence[int], num_bins: int = 12, snapshots
   ranges = [np.quantile(v, [quantile, 1 - quantile]) for v in (easy, hard)]
   medians = []
   for field in ('weight_real', 'weight_phantom'):
-    binned = jax.device_get(_binned_medians(easy, hard, pool(field), *ranges, num_bins=num_bins))
+    binned = jax.device_get(_binned_medians_2d(easy, hard, pool(field), *ranges, num_bins=num_bins))
     counts = np.asarray(binned.counts)
     medians.append(np.where(counts > 0, np.asarray(binned.medians, np.float64), np.nan))
   return (np.asarray(binned.x_edges), np.asarray(binned.y_edges), medians[0], medians[1],
           counts)
 
 
-def _binned_medians(x, y, weights, x_range, y_range, *, num_bins: int):
-  """``diagnostics.binned_medians`` under one jit (eagerly: some fifty compilations).
+def _binned_medians_2d(x, y, weights, x_range, y_range, *, num_bins: int):
+  """``diagnostics.binned_medians_2d`` under one jit (eagerly: some fifty compilations).
 
   Its NaN/inf check needs concrete inputs, so it is made here on the host, before the jit.
   """
   for name, v in (('x', x), ('y', y), ('weights', weights)):
     diagnostics._check_finite(name, 'importance_2d', v)  # pylint: disable=protected-access
-  return _jitted_binned_medians(x, y, weights, x_range, y_range, num_bins=num_bins)
+  return _jitted_binned_medians_2d(x, y, weights, x_range, y_range, num_bins=num_bins)
 
 
 @functools.partial(jax.jit, static_argnames='num_bins')
-def _jitted_binned_medians(x, y, weights, x_range, y_range, *, num_bins: int):
-  return diagnostics.binned_medians(x, y, weights, num_bins, x_range=x_range, y_range=y_range)
+def _jitted_binned_medians_2d(x, y, weights, x_range, y_range, *, num_bins: int):
+  return diagnostics.binned_medians_2d(x, y, weights, num_bins, x_range=x_range, y_range=y_range)
 
 
 def fig5_importance_2d(config, outputs, records, workdir) -> Optional[str]:
