@@ -110,14 +110,8 @@ def _model_config(config) -> dict:
 
 
 def _load_dataset(config):
-  """Loads the data set; in a multi-process run process 0 builds it first, alone."""
-  if jax.process_count() == 1:
-    return data_lib.load_dataset(config.data, seed=DATA_SEED)
-  dataset = data_lib.load_dataset(config.data, seed=DATA_SEED) if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices('samjax_dataset_prepared')
-  if dataset is None:
-    dataset = data_lib.load_dataset(config.data, seed=DATA_SEED)
-  return dataset
+  """Loads the data set; processes sharing a data_dir prepare it once (the others wait)."""
+  return data_lib.load_dataset(config.data, seed=DATA_SEED)
 
 
 def _num_train_steps(config, steps_per_epoch: int) -> int:
@@ -133,8 +127,6 @@ def _initial_variables(init_checkpoint: str, state) -> dict:
   folder (``<workdir>/checkpoints/<step>``, e.g. to continue after a NaN stop).
   """
   path = epath.Path(init_checkpoint)
-  if not path.exists():
-    raise ValueError(f'config.model.init_checkpoint: {init_checkpoint} does not exist.')
   if checkpoint_lib.is_checkpoint(path):
     try:
       return checkpoint_lib.restore_variables(path, state)
@@ -150,6 +142,13 @@ def _initial_variables(init_checkpoint: str, state) -> dict:
   except Exception as e:  # pylint: disable=broad-except  # garbage: pickle, zip, OS errors
     raise ValueError(f'config.model.init_checkpoint: {init_checkpoint} is not a readable '
                      f'ResNet-18 state dict (.pth or .npz): {type(e).__name__}') from None
+
+
+def _check_paths(config) -> None:
+  """The cheap checks of input paths, made before the data set is prepared or read."""
+  init_checkpoint = config.model.init_checkpoint
+  if init_checkpoint and not epath.Path(init_checkpoint).exists():
+    raise ValueError(f'config.model.init_checkpoint: {init_checkpoint} does not exist.')
 
 
 def _progress_bar(enabled: bool, start: int, total: int):
@@ -202,6 +201,7 @@ def _train_and_evaluate(config, workdir: str, held: list) -> dict:
   lock = workdir_lib.WorkdirLock(workdir_path)
   _on_lead(lock.check)  # before anything is read or written: a second run leaves no trace
   workdir_lib.check_rerun(workdir_path, config)
+  _check_paths(config)
   dataset = _load_dataset(config)
   # Decided before the workdir is touched: 'device' on a split too large is a config error.
   layout, why = input_lib.choose_placement(
