@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
+import importlib.metadata
 import time
 from typing import Any, Optional, Sequence
 
@@ -76,19 +78,35 @@ def _run_sync_draining(coro):
       loop.close()
 
 
-def _install_draining_loops() -> None:
-  """Replaces orbax's private per-call loop runner (orbax-checkpoint 0.11-0.12 name it
-  ``asyncio_utils._run_sync_via_new_loop``); left alone if a version has no such function.
-  tests/test_reliability.py::test_a_full_disk_is_one_line_and_exit_74 checks the effect."""
+# The private orbax function that _run_sync_draining replaces (orbax-checkpoint 0.12.8; pyproject
+# pins the tested range). tests/test_checkpoint_orbax.py fails when a release renames or removes it.
+PATCHED_MODULE = 'orbax.checkpoint._src.asyncio_utils'
+PATCHED_FUNCTION = '_run_sync_via_new_loop'
+
+
+def _install_draining_loops() -> bool:
+  """Replaces orbax's private per-call loop runner with :func:`_run_sync_draining`.
+
+  Returns whether it was replaced. A release without the function keeps working, with orbax's
+  own runner, and a warning says what is lost (a full disk may then print 'Event loop is
+  closed' tracebacks beside samjax's one-line error).
+  """
   try:
-    from orbax.checkpoint._src import asyncio_utils  # pylint: disable=g-import-not-at-top
+    module = importlib.import_module(PATCHED_MODULE)
   except ImportError:
-    return
-  if callable(getattr(asyncio_utils, '_run_sync_via_new_loop', None)):
-    asyncio_utils._run_sync_via_new_loop = _run_sync_draining  # pylint: disable=protected-access
+    module = None
+  if not callable(getattr(module, PATCHED_FUNCTION, None)):
+    logging.warning('orbax-checkpoint %s has no %s.%s: its save loops are not drained, so a '
+                    'failed save (e.g. a full disk) may print tracebacks; samjax is tested with '
+                    'the versions that pyproject.toml allows', importlib.metadata.version('orbax-checkpoint'),
+                    PATCHED_MODULE,
+                    PATCHED_FUNCTION)
+    return False
+  setattr(module, PATCHED_FUNCTION, _run_sync_draining)
+  return True
 
 
-_install_draining_loops()
+DRAINING_INSTALLED = _install_draining_loops()
 
 
 def checksum(state) -> str:
