@@ -148,9 +148,21 @@ def _verify(step_dir: epath.Path, step: int, state) -> None:
     raise ChecksumMismatch('array data do not match the checksum recorded at save')
 
 
-def manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=False)
+def manager(workdir: epath.Path, keep: int, *, save_every: Optional[int] = None,
+            last_step: Optional[int] = None) -> ocp.CheckpointManager:
+  """The workdir's manager, keeping ``keep`` checkpoints.
+
+  Its ``should_save(step)`` is the run's cadence: every ``save_every`` steps, the ``last_step``
+  and orbax's preemption points (not the first step, unlike orbax's default policy).
+  """
+  policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+  if save_every:
+    policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(save_every))
+  if last_step is not None:
+    policies.append(ocp.checkpoint_managers.SpecificStepsPolicy([last_step]))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=False,
+      save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies))
   return ocp.CheckpointManager(
       epath.Path(workdir) / workdir_lib.CHECKPOINTS, options=options,
       item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),

@@ -45,8 +45,8 @@ TENSORBOARD = 'tensorboard'
 # data placement: every placement trains bit-identically, and 'auto' may choose otherwise on
 # another machine).
 RESUMABLE_FIELDS = ('num_train_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
-                    'log_every_steps', 'progress_bar', 'input_workers', 'data.placement',
-                    'data.device_memory_budget_mb')
+                    'log_every_steps', 'progress_bar', 'profile_steps', 'input_workers',
+                    'data.placement', 'data.device_memory_budget_mb')
 
 
 def config_to_dict(config) -> dict:
