@@ -226,7 +226,9 @@ class Run:
 
   def init_state(self) -> step_lib.TrainState:
     """The initial state from ``config.seed``, replicated over the mesh."""
-    init = jax.jit(self._create_state, out_shardings=NamedSharding(self.mesh, P()))
+    # A plain function: the Run (arrays, a ConfigDict) is not hashable.
+    init = jax.jit(lambda rng: self._create_state(rng),  # pylint: disable=unnecessary-lambda
+                   out_shardings=NamedSharding(self.mesh, P()))
     return init(jax.random.key(self.config.seed))
 
   def abstract_state(self):
