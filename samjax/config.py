@@ -112,6 +112,7 @@ FIELDS: tuple[Field, ...] = (
     _count('checkpoint_every_steps', 500, 'Steps between checkpoints; 0: only at the end.'),
     _positive('keep_checkpoints', 2, 'Checkpoints kept (older ones are deleted).'),
     Field('progress_bar', True, bool, 'Show a progress bar (process 0, on a terminal or not).'),
+    _count('profile_steps', 0, 'Steps traced by jax.profiler into tensorboard/; 0: none.'),
     # 4, not 0: batches are pure functions of the step, so threads change speed, never values.
     _count('input_workers', 4, 'Threads preparing the next batches while the device trains.',
            high=256),

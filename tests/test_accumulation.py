@@ -15,8 +15,8 @@ from test_step import TinyNet, make_batch, opt_config
 
 def run(model, config, batch, *, k, mode='full_batch', devices=8, steps=2):
   mesh = step_lib.make_mesh(jax.devices()[:devices])
-  tx, step = step_lib.make_train_step(model, config, 10, mesh, donate=False, microbatches=k,
-                                      microbatch_mode=mode, log_diagnostics=True)
+  tx, step = step_lib.make_train_step(model, mesh, step_lib.StepSpec(
+      config, 10, donate=False, microbatches=k, microbatch_mode=mode, log_diagnostics=True))
   state = step_lib.create_train_state(model, tx, jax.random.key(0), batch['image'][:1])
   for _ in range(steps):
     state, metrics = step(state, batch)
@@ -106,7 +106,7 @@ def test_bfloat16_compute_tracks_float32_and_keeps_float32_state():
   for dtype in ('float32', 'bfloat16'):
     model = models.create_model({'name': 'convnet', 'dtype': dtype}, 2)
     mesh = step_lib.make_mesh(jax.devices()[:1])
-    tx, step = step_lib.make_train_step(model, config, 10, mesh, donate=False)
+    tx, step = step_lib.make_train_step(model, mesh, step_lib.StepSpec(config, 10, donate=False))
     state = step_lib.create_train_state(model, tx, jax.random.key(0), batch['image'][:1])
     trace = []
     for _ in range(8):

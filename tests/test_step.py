@@ -1,6 +1,6 @@
 """The jitted, sharded train step: data-parallel equivalence and BatchNorm semantics."""
 
-import functools
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -44,8 +44,8 @@ def make_batch(seed=0, n=32):
 
 def run_steps(model, config, devices, batches, perturbation='sync', log_diagnostics=False):
   mesh = step_lib.make_mesh(devices)
-  tx, step = step_lib.make_train_step(model, config, 10, mesh, perturbation=perturbation,
-                                      log_diagnostics=log_diagnostics, donate=False)
+  tx, step = step_lib.make_train_step(model, mesh, step_lib.StepSpec(
+      config, 10, perturbation=perturbation, log_diagnostics=log_diagnostics, donate=False))
   state = step_lib.create_train_state(model, tx, jax.random.key(0), batches[0]['image'][:1])
   metrics = None
   for b in batches:
@@ -182,9 +182,9 @@ def test_uint8_batches_normalised_in_the_step_equal_host_normalised_batches():
   host = {'image': ((images.astype(np.float32) - mean) / std).astype(np.float32), 'label': labels}
   mesh = step_lib.make_mesh(jax.devices()[:8])
   config = opt_config('sam')
-  tx, on_host = step_lib.make_train_step(model, config, 10, mesh, donate=False)
-  _, on_device = step_lib.make_train_step(model, config, 10, mesh, donate=False,
-                                          image_normalization=(mean, std))
+  tx, on_host = step_lib.make_train_step(model, mesh, step_lib.StepSpec(config, 10, donate=False))
+  _, on_device = step_lib.make_train_step(model, mesh, step_lib.StepSpec(
+      config, 10, donate=False, image_normalization=(mean, std)))
   state = step_lib.create_train_state(model, tx, jax.random.key(0), host['image'][:1])
   a, ma = on_host(state, host)
   b, mb = on_device(state, {'image': images, 'label': labels})
@@ -210,10 +210,11 @@ def test_step_on_the_resident_split_equals_the_step_on_host_batches(perturbation
   mean, std = np.array([101.5], np.float32), np.array([37.25], np.float32)
   mesh = step_lib.make_mesh(jax.devices()[:8])
   model, config = TinyNet(), opt_config('sam')
-  make = functools.partial(step_lib.make_train_step, model, config, 10, mesh, donate=False,
-                           perturbation=perturbation, image_normalization=(mean, std))
-  tx, host_step = make()
-  _, device_step = make(device_data=layout)
+  spec = step_lib.StepSpec(config, 10, donate=False, perturbation=perturbation,
+                           image_normalization=(mean, std))
+  tx, host_step = step_lib.make_train_step(model, mesh, spec)
+  _, device_step = step_lib.make_train_step(model, mesh,
+                                            dataclasses.replace(spec, device_data=layout))
   resident = input_lib.resident_split(split, mesh, layout)
   state = step_lib.create_train_state(model, tx, jax.random.key(0), np.zeros((1, 8, 8, 1)))
   host, device = state, state
@@ -229,9 +230,9 @@ def test_the_resident_split_is_an_argument_of_the_step_not_a_constant_in_it():
   from samjax.data import input as input_lib
   mesh = step_lib.make_mesh(jax.devices()[:8])
   model = TinyNet()
-  tx, step = step_lib.make_train_step(model, opt_config('sam'), 10, mesh,
-                                      device_data='replicated',
-                                      image_normalization=(np.zeros(1), np.ones(1)))
+  tx, step = step_lib.make_train_step(model, mesh, step_lib.StepSpec(
+      opt_config('sam'), 10, device_data='replicated',
+      image_normalization=(np.zeros(1), np.ones(1))))
   state = step_lib.create_train_state(model, tx, jax.random.key(0), np.zeros((1, 8, 8, 1)))
   inputs = {'index': np.arange(16, dtype=np.int32), 'offset': np.zeros((16, 2), np.int32),
             'flip': np.zeros(16, bool)}
@@ -249,3 +250,10 @@ def test_the_resident_split_is_an_argument_of_the_step_not_a_constant_in_it():
     sizes[n] = len(lowered.as_text())
   # 256 KiB of images would show in the program text if they were embedded in it.
   assert abs(sizes[4096] - sizes[16]) < 100, sizes
+
+
+@pytest.mark.parametrize('field, value', [('perturbation', 'async'), ('microbatches', 0),
+                                          ('microbatch_mode', 'ghost')])
+def test_a_step_spec_refuses_an_unknown_option(field, value):
+  with pytest.raises(ValueError, match=field):
+    step_lib.StepSpec(opt_config('sam'), 10, **{field: value})

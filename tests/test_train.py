@@ -379,3 +379,25 @@ def test_a_checkpoint_saved_in_the_single_item_layout_of_earlier_versions_restor
   np.testing.assert_array_equal(restored['w'], state['w'])
   assert 'no checksum recorded: restored unverified' in caplog.text
   assert not (tmp_path / checkpoint_lib.QUARANTINE).exists()
+
+
+def test_checkpoints_follow_the_cadence_and_the_profile_hook_writes_a_trace(tmp_path, data_dir):
+  config = tiny_digits_config(data_dir, 'sgd', steps=14)
+  config.checkpoint_every_steps = 4
+  config.keep_checkpoints = 10
+  config.profile_steps = 2
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  # Every 4 steps and the last; not the first step (orbax's default policy would save it).
+  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+  assert saved == [4, 8, 12, 14]
+  # jax.profiler's trace of steps 10-12, where TensorBoard's profile tab reads it.
+  traces = [name for _, _, names in os.walk(os.path.join(workdir, 'tensorboard', 'plugins',
+                                                         'profile')) for name in names
+            if name.endswith('.xplane.pb')]
+  assert len(traces) == 1, traces
+  # The trace length may change on resume (a resumable field).
+  config.num_train_steps = 16
+  config.profile_steps = 0
+  train.train_and_evaluate(config, workdir)
+  assert [m['step'] for m in read_metrics(workdir)] == [4, 8, 12, 14, 16]

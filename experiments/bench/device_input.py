@@ -10,7 +10,7 @@ device, three contenders timed round-robin by :func:`bench.timing.interleaved`:
 * ``device``: what training does with ``data.placement='device'``: per step the host draws the
   indices and crop/flip parameters (``TrainBatches.device_inputs``, augmentation on), makes them
   global arrays, and the step gathers, crops, flips and normalises the uint8 batch from the
-  resident split (``make_train_step(device_data='replicated')``, ``resident_split``);
+  resident split (``StepSpec(device_data='replicated')``, ``resident_split``);
 * ``device_inputs_preplaced``: the same step fed inputs already on the device (its on-device
   gather and augmentation alone, without the host's draws and transfer).
 
@@ -30,6 +30,7 @@ the ``pipeline`` section too).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -82,12 +83,12 @@ def _contenders(case: ModelCase, opt_name: str, num_examples: int, dtype: str) -
   mean, std = dataset_lib.normalization_constants('mean_pixel', split.images)
   batches = input_lib.TrainBatches(split, None, case.batch_size, seed=0, augment=True,
                                    normalize=False)
-  tx, f32_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh)
-  _, uint8_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
-                                           image_normalization=(mean, std))
-  _, device_step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
-                                            image_normalization=(mean, std),
-                                            device_data='replicated')
+  spec = step_lib.StepSpec(config, NUM_TRAIN_STEPS)
+  tx, f32_step = step_lib.make_train_step(model, mesh, spec)
+  spec = dataclasses.replace(spec, image_normalization=(mean, std))
+  _, uint8_step = step_lib.make_train_step(model, mesh, spec)
+  _, device_step = step_lib.make_train_step(
+      model, mesh, dataclasses.replace(spec, device_data='replicated'))
   sample = np.zeros((1, *case.image_shape), np.float32)
   init = jax.device_put(step_lib.create_train_state(model, tx, jax.random.key(0), sample),
                         replicated)
@@ -129,8 +130,8 @@ def _all_device_contenders(model, config, split, case: ModelCase, mean, std) -> 
   sample = np.zeros((1, *case.image_shape), np.float32)
   contenders = {}
   for layout in ('replicated', 'sharded'):
-    tx, step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
-                                        image_normalization=(mean, std), device_data=layout)
+    tx, step = step_lib.make_train_step(model, mesh, step_lib.StepSpec(
+        config, NUM_TRAIN_STEPS, image_normalization=(mean, std), device_data=layout))
     state = jax.device_put(step_lib.create_train_state(model, tx, jax.random.key(0), sample),
                            NamedSharding(mesh, P()))
     resident = input_lib.resident_split(split, mesh, layout)

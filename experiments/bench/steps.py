@@ -90,8 +90,9 @@ def build_step(case: ModelCase, opt_name: str, devices, *, dtype: str = 'float32
   mesh = step_lib.make_mesh(devices)
   config = optimizer_config(opt_name)
   tx = optax_contrib_sam(config) if use_optax_sam else None
-  tx, step = step_lib.make_train_step(model, config, NUM_TRAIN_STEPS, mesh,
-                                      log_diagnostics=log_diagnostics, tx=tx)
+  tx, step = step_lib.make_train_step(
+      model, mesh, step_lib.StepSpec(config, NUM_TRAIN_STEPS, log_diagnostics=log_diagnostics),
+      tx=tx)
   batch_np = synthetic_batch(case)
   state = step_lib.create_train_state(model, tx, jax.random.key(0), batch_np['image'][:1])
   state = jax.device_put(state, NamedSharding(mesh, P()))

@@ -64,7 +64,6 @@ import zlib
 from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
-from etils import epath
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -72,6 +71,7 @@ import tensorflow_datasets as tfds
 from samjax import probe
 # Importing the builders registers them with TFDS.
 from samjax.data import builders  # pylint: disable=unused-import
+from samjax.data import prepare as prepare_lib
 from samjax.data import registry
 from samjax.data.dataset import FeatureDataset, Split, normalization_constants
 
@@ -292,18 +292,14 @@ def prepare_command(config: Mapping[str, Any], data_dir: str) -> str:
 
 
 def _prepared_builder(tfds_name: str, config: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
+  """The builder, prepared once among every process sharing the data_dir (:mod:`.prepare`)."""
   builder = tfds.builder(tfds_name, data_dir=config['data_dir'])
   if (config['name'] in DOWNLOADED and not config['download'] and not builder.is_prepared()):
     raise ValueError(
         f'config.data.name: {tfds_name} is not prepared in {builder.data_dir_root}; prepare it '
         f'once with: {prepare_command(config, builder.data_dir_root)} (or let this run download '
         'it: --config.data.download=True)')
-  manual_dir = config['manual_dir']
-  if manual_dir is None:
-    manual_dir = epath.Path(builder.data_dir_root) / 'downloads' / 'manual'
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return builder
+  return prepare_lib.prepare_once(tfds_name, config['data_dir'], config['manual_dir'])
 
 
 def load_dataset(data_config: Any, *, seed: int = 0) -> FeatureDataset:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
+import importlib.metadata
 import time
 from typing import Any, Optional, Sequence
 
@@ -32,7 +34,8 @@ from jax.experimental import multihost_utils
 
 from samjax.io_utils import is_local, read_json
 from samjax.train import workdir as workdir_lib
-from samjax.train.evaluate import to_host
+from samjax.arrays import all_finite, to_host
+from samjax.cli import first_line
 
 # How long a failed orbax operation's event loop waits for its other in-flight writes before it
 # is closed anyway (they fail fast on a full disk; on gs:// tensorstore's own retries bound them).
@@ -76,19 +79,35 @@ def _run_sync_draining(coro):
       loop.close()
 
 
-def _install_draining_loops() -> None:
-  """Replaces orbax's private per-call loop runner (orbax-checkpoint 0.11-0.12 name it
-  ``asyncio_utils._run_sync_via_new_loop``); left alone if a version has no such function.
-  tests/test_reliability.py::test_a_full_disk_is_one_line_and_exit_74 checks the effect."""
+# The private orbax function that _run_sync_draining replaces (orbax-checkpoint 0.12.8; pyproject
+# pins the tested range). tests/test_checkpoint_orbax.py fails when a release renames or removes it.
+PATCHED_MODULE = 'orbax.checkpoint._src.asyncio_utils'
+PATCHED_FUNCTION = '_run_sync_via_new_loop'
+
+
+def _install_draining_loops() -> bool:
+  """Replaces orbax's private per-call loop runner with :func:`_run_sync_draining`.
+
+  Returns whether it was replaced. A release without the function keeps working, with orbax's
+  own runner, and a warning says what is lost (a full disk may then print 'Event loop is
+  closed' tracebacks beside samjax's one-line error).
+  """
   try:
-    from orbax.checkpoint._src import asyncio_utils  # pylint: disable=g-import-not-at-top
+    module = importlib.import_module(PATCHED_MODULE)
   except ImportError:
-    return
-  if callable(getattr(asyncio_utils, '_run_sync_via_new_loop', None)):
-    asyncio_utils._run_sync_via_new_loop = _run_sync_draining  # pylint: disable=protected-access
+    module = None
+  if not callable(getattr(module, PATCHED_FUNCTION, None)):
+    logging.warning('orbax-checkpoint %s has no %s.%s: its save loops are not drained, so a '
+                    'failed save (e.g. a full disk) may print tracebacks; samjax is tested with '
+                    'the versions that pyproject.toml allows', importlib.metadata.version('orbax-checkpoint'),
+                    PATCHED_MODULE,
+                    PATCHED_FUNCTION)
+    return False
+  setattr(module, PATCHED_FUNCTION, _run_sync_draining)
+  return True
 
 
-_install_draining_loops()
+DRAINING_INSTALLED = _install_draining_loops()
 
 
 def checksum(state) -> str:
@@ -130,9 +149,21 @@ def _verify(step_dir: epath.Path, step: int, state) -> None:
     raise ChecksumMismatch('array data do not match the checksum recorded at save')
 
 
-def manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=False)
+def manager(workdir: epath.Path, keep: int, *, save_every: Optional[int] = None,
+            last_step: Optional[int] = None) -> ocp.CheckpointManager:
+  """The workdir's manager, keeping ``keep`` checkpoints.
+
+  Its ``should_save(step)`` is the run's cadence: every ``save_every`` steps, the ``last_step``
+  and orbax's preemption points (not the first step, unlike orbax's default policy).
+  """
+  policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+  if save_every:
+    policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(save_every))
+  if last_step is not None:
+    policies.append(ocp.checkpoint_managers.SpecificStepsPolicy([last_step]))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=False,
+      save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies))
   return ocp.CheckpointManager(
       epath.Path(workdir) / workdir_lib.CHECKPOINTS, options=options,
       item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
@@ -190,7 +221,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state) -> tuple[Optional
       restored = None
       logging.warning('checkpoint at step %d is unreadable (corrupt, or saved for another '
                       'device layout: %s: %s); trying an older one',
-                      step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+                      step, type(e).__name__, first_line(e))
       unreadable.append(step)
   if unreadable:
     if jax.process_index() == 0:
@@ -227,11 +258,6 @@ def save(mgr: ocp.CheckpointManager, step: int, state) -> None:
   mgr.wait_until_finished()
 
 
-def _finite(tree) -> bool:
-  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree)
-             if np.issubdtype(np.asarray(x).dtype, np.floating))
-
-
 def newest_finite_step(mgr: ocp.CheckpointManager, abstract_state,
                        steps: Sequence[int]) -> Optional[int]:
   """The newest of ``steps`` whose parameters and statistics are all finite (None if none)."""
@@ -240,7 +266,7 @@ def newest_finite_step(mgr: ocp.CheckpointManager, abstract_state,
       state = _restore_state(mgr, step, abstract_state)
     except Exception:  # pylint: disable=broad-except  # unreadable: try an older one
       continue
-    if _finite((state.params, state.batch_stats)):
+    if all_finite((state.params, state.batch_stats)):
       return step
   return None
 

@@ -16,6 +16,7 @@ updates are discarded.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
@@ -189,56 +190,76 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
-                    perturbation: str = 'sync', log_diagnostics: bool = False,
-                    donate: bool = True, tx: Optional[optax.GradientTransformation] = None,
-                    microbatches: int = 1, microbatch_mode: str = 'full_batch',
-                    image_normalization: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                    device_data: Optional[str] = None):
-  """Builds ``(tx, step)`` where ``step(state, batch) -> (state, metrics)`` is jitted.
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What the train step computes, apart from the model and the mesh.
 
-  With ``device_data`` the step is ``step(state, inputs, resident) -> (state, metrics)``: it
-  makes the batch itself from the resident split (:func:`device_data_batch`).
-
-  Args:
-    model: a flax module following samjax's model convention.
-    opt_config: ``config.optimizer`` (see :func:`make_optimizer`).
+  Attributes:
+    optimizer: ``config.optimizer`` (see :func:`samjax.train.optim.make_optimizer`).
     num_train_steps: length of the learning-rate schedule.
-    mesh: a 1-D mesh with axis ``'data'``; the batch is sharded over it, the state replicated.
     perturbation: ``'sync'`` (one phantom from the global gradient) or ``'per_device'``.
     log_diagnostics: add the Gini coefficients of the importance weights at ``theta`` and at
       the phantom to the metrics, from the logits both passes already compute.
-    tx: an optimizer to use instead of the one ``opt_config`` describes (e.g. to compare with
-      ``optax.contrib.sam``); it receives ``grad_fn`` like samjax's transforms do.
     microbatches: split the (per-device) batch into this many micro-batches, processed one at a
       time with ``lax.scan`` so activation memory is that of one micro-batch.
     microbatch_mode: ``'full_batch'``: the ascent direction is the gradient of the whole batch
-      (accumulated), then the phantom gradient is accumulated again; without BatchNorm this equals
-      the un-accumulated step. ``'per_microbatch'``: each micro-batch is perturbed with its own
-      gradient and the phantom gradients are averaged (m-sharpness, m = micro-batch size). With
-      BatchNorm every micro-batch normalises with its own statistics (ghost batch norm) and the
-      running statistics take the mean of the micro-batches' updates.
+      (accumulated), then the phantom gradient is accumulated again; without BatchNorm this
+      equals the un-accumulated step. ``'per_microbatch'``: each micro-batch is perturbed with
+      its own gradient and the phantom gradients are averaged (m-sharpness, m = micro-batch
+      size). With BatchNorm every micro-batch normalises with its own statistics (ghost batch
+      norm) and the running statistics take the mean of the micro-batches' updates.
     image_normalization: ``(mean, std)`` per channel: the batch's images arrive as uint8 and are
       normalised inside the step, ``(x - mean) / std``, which spares the host 4x the work and
       the transfer.
-    device_data: ``'replicated'`` or ``'sharded'``, the layout of the resident split: take
-      ``inputs`` (:meth:`samjax.data.input.TrainBatches.device_inputs`: indices and crop/flip
-      parameters, sharded like a batch) and ``resident`` (the uint8 split,
+    device_data: ``'replicated'`` or ``'sharded'``, the layout of the resident split: the step
+      takes ``inputs`` (:meth:`samjax.data.input.TrainBatches.device_inputs`: indices and
+      crop/flip parameters, sharded like a batch) and ``resident`` (the uint8 split,
       :func:`samjax.data.input.resident_split` in that layout) instead of a batch; the batch is
       gathered, cropped and flipped on the devices, bit-identical to the host's. ``resident``
       is an argument, not a constant captured by the step, so the split is not embedded in
       the compiled program.
+    donate: donate the input state's buffers to the output state.
+  """
+  optimizer: Any
+  num_train_steps: int
+  perturbation: str = 'sync'
+  log_diagnostics: bool = False
+  microbatches: int = 1
+  microbatch_mode: str = 'full_batch'
+  image_normalization: Optional[tuple[np.ndarray, np.ndarray]] = None
+  device_data: Optional[str] = None
+  donate: bool = True
+
+  def __post_init__(self):
+    if self.perturbation not in PERTURBATIONS:
+      raise ValueError(f'perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}.')
+    if self.microbatches < 1:
+      raise ValueError(f'microbatches must be >= 1, got {self.microbatches}.')
+    if self.microbatch_mode not in MICROBATCH_MODES:
+      raise ValueError(f'microbatch_mode must be one of {MICROBATCH_MODES}, got '
+                       f'{self.microbatch_mode!r}.')
+
+
+def make_train_step(model, mesh: Mesh, spec: StepSpec, *,
+                    tx: Optional[optax.GradientTransformation] = None):
+  """Builds ``(tx, step)`` where ``step(state, batch) -> (state, metrics)`` is jitted.
+
+  With ``spec.device_data`` the step is ``step(state, inputs, resident) -> (state, metrics)``:
+  it makes the batch itself from the resident split (:func:`device_data_batch`).
+
+  Args:
+    model: a flax module following samjax's model convention.
+    mesh: a 1-D mesh with axis ``'data'``; the batch is sharded over it, the state replicated.
+    spec: what the step computes (:class:`StepSpec`).
+    tx: an optimizer to use instead of the one ``spec.optimizer`` describes (e.g. to compare
+      with ``optax.contrib.sam``); it receives ``grad_fn`` like samjax's transforms do.
   Returns:
     The optimizer (for ``create_train_state``) and the jitted step.
   """
-  if perturbation not in PERTURBATIONS:
-    raise ValueError(f'perturbation must be one of {PERTURBATIONS}, got {perturbation!r}.')
-  per_device = perturbation == 'per_device'
+  opt_config, num_train_steps = spec.optimizer, spec.num_train_steps
+  microbatches, microbatch_mode = spec.microbatches, spec.microbatch_mode
+  per_device = spec.perturbation == 'per_device'
   axis_name = DATA_AXIS if per_device else None
-  if microbatches < 1:
-    raise ValueError(f'microbatches must be >= 1, got {microbatches}.')
-  if microbatch_mode not in MICROBATCH_MODES:
-    raise ValueError(f'microbatch_mode must be one of {MICROBATCH_MODES}, got {microbatch_mode!r}.')
   parts, sam_index = optimizer_parts(opt_config, num_train_steps, axis_name=axis_name,
                                      sync_perturbation=not per_device)
   if tx is None:
@@ -248,27 +269,29 @@ def make_train_step(model, opt_config, num_train_steps: int, mesh: Mesh, *,
   local = functools.partial(
       _local_step, loss_fn=make_loss_fn(model), tx=tx, parts=parts, sam_index=sam_index,
       schedule=learning_rate_schedule(opt_config, num_train_steps),
-      uses_sam=opt_config.name != 'sgd', log_diagnostics=log_diagnostics, axis_name=axis_name,
+      uses_sam=opt_config.name != 'sgd', log_diagnostics=spec.log_diagnostics,
+      axis_name=axis_name,
       microbatches=microbatches, microbatch_mode=microbatch_mode,
-      image_normalization=(None if image_normalization is None
-                           else scale_and_offset(*image_normalization)))
+      image_normalization=(None if spec.image_normalization is None
+                           else scale_and_offset(*spec.image_normalization)))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
   if per_device:
     local = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
-  if device_data is None:
+  donate = (0,) if spec.donate else ()
+  if spec.device_data is None:
     step = jax.jit(local, in_shardings=(replicated, batch_sharding),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
+                   out_shardings=(replicated, replicated), donate_argnums=donate)
     return tx, step
-  make_batch = device_data_batch(mesh, device_data)
+  make_batch = device_data_batch(mesh, spec.device_data)
 
   def fed(state, inputs, resident):
     return local(state, make_batch(resident, inputs))
 
-  resident_sharding = NamedSharding(mesh, resident_partition(device_data, DATA_AXIS))
+  resident_sharding = NamedSharding(mesh, resident_partition(spec.device_data, DATA_AXIS))
   # The resident split is not donated: it serves every step.
   step = jax.jit(fed, in_shardings=(replicated, batch_sharding, resident_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
+                 out_shardings=(replicated, replicated), donate_argnums=donate)
   return tx, step
 
 

@@ -25,17 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
-import threading
-import time
-import uuid
 from typing import Optional
 
 from clu import metric_writers
 from etils import epath
 from flax import traverse_util
 
+from samjax import claim_lock
 from samjax.io_utils import atomic_write_json, atomic_write_text, is_local
 
 CONFIG_FILE = 'config.json'
@@ -49,8 +45,8 @@ TENSORBOARD = 'tensorboard'
 # data placement: every placement trains bit-identically, and 'auto' may choose otherwise on
 # another machine).
 RESUMABLE_FIELDS = ('num_train_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
-                    'log_every_steps', 'progress_bar', 'input_workers', 'data.placement',
-                    'data.device_memory_budget_mb')
+                    'log_every_steps', 'progress_bar', 'profile_steps', 'input_workers',
+                    'data.placement', 'data.device_memory_budget_mb')
 
 
 def config_to_dict(config) -> dict:
@@ -209,136 +205,21 @@ LOCK_DIR = 'lock'
 # A live run touches its claim's heartbeat every HEARTBEAT_SECONDS; a claim from another host
 # whose heartbeat is older than STALE_SECONDS belongs to a dead run (killed, or its host lost) and
 # is taken over. On the claim's own host a run whose process no longer exists is seen dead at once.
-HEARTBEAT_SECONDS = 30.0
-STALE_SECONDS = 300.0
-_ATTEMPTS = 4
+HEARTBEAT_SECONDS = claim_lock.HEARTBEAT_SECONDS
+STALE_SECONDS = claim_lock.STALE_SECONDS
 
 
-class WorkdirLock:
-  """One run per workdir: a claim protocol over plain files in ``<workdir>/lock/``.
-
-  Object stores such as gs:// have no file locks and epath exposes no exclusive create, so:
-
-  1. a run writes its claim ``lock/<token>.json`` (host, pid, since);
-  2. it lists the claims that are not stale. If its own is the only one, it holds the lock;
-     otherwise it deletes its claim, waits a random moment and tries again (a few times), then
-     stops naming the oldest other claim.
-
-  At most one run holds the lock, given writes and listings with read-after-write consistency
-  (local disks and GCS give them): a run that saw no other claim listed after writing its own,
-  so every claim written later sees it. Runs that start together may all back off once; the
-  random waits let one of them win a retry. The holder touches ``lock/<token>.alive`` every
-  :data:`HEARTBEAT_SECONDS` and deletes both files when it ends.
-  """
+class WorkdirLock(claim_lock.ClaimLock):
+  """One run per workdir: the claim protocol of :class:`samjax.claim_lock.ClaimLock` over the
+  files of ``<workdir>/lock/``; a refusal (ValueError) names the live run that holds it."""
 
   def __init__(self, workdir: epath.Path, heartbeat: float = HEARTBEAT_SECONDS,
                stale: float = STALE_SECONDS):
-    self._folder = epath.Path(workdir) / LOCK_DIR
-    self._heartbeat, self._stale = heartbeat, stale
-    self._host = socket.gethostname()
-    self._claim = {'token': uuid.uuid4().hex, 'host': self._host, 'pid': os.getpid(),
-                   'since': time.time()}
-    self._stop = threading.Event()
-    self._thread: Optional[threading.Thread] = None
+    super().__init__(epath.Path(workdir) / LOCK_DIR, heartbeat, stale)
+    self._workdir = epath.Path(workdir)
 
-  @property
-  def token(self) -> str:
-    return self._claim['token']
-
-  def _file(self, token: str, suffix: str) -> epath.Path:
-    return self._folder / f'{token}.{suffix}'
-
-  def _remove(self, token: str) -> None:
-    for suffix in ('json', 'alive'):
-      try:
-        self._file(token, suffix).unlink(missing_ok=True)
-      except OSError:
-        pass
-
-  def _is_stale(self, path: epath.Path, claim: dict) -> bool:
-    if claim.get('host') == self._host:
-      return not _process_alive(claim.get('pid'))
-    last = max(_mtime(path), _mtime(self._file(claim['token'], 'alive')))
-    return time.time() - last > self._stale
-
-  def others(self, *, remove_stale: bool) -> list[dict]:
-    """The live claims of other runs (stale ones deleted when ``remove_stale``)."""
-    if not self._folder.exists():
-      return []
-    live = []
-    for path in self._folder.glob('*.json'):
-      try:
-        claim = json.loads(path.read_text())
-        token = claim['token']
-      except (OSError, ValueError, KeyError, TypeError):
-        continue  # removed meanwhile, or not a claim
-      if token == self.token:
-        continue
-      if self._is_stale(path, claim):
-        if remove_stale:
-          self._remove(token)
-      else:
-        live.append(claim)
-    return live
-
-  def _refuse(self, others: list[dict]) -> None:
-    holder = min(others, key=lambda c: float(c.get('since', 0)))
-    since = time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(float(holder.get('since', 0))))
-    raise ValueError(
-        f'workdir {self._folder.parent} is in use by another run (host {holder.get("host")}, '
-        f'pid {holder.get("pid")}, since {since}); stop it, or use a new --workdir. A lock whose '
-        f'run is gone is taken over (same host: at once; another host: after {self._stale:.0f} '
-        's without a heartbeat).')
-
-  def check(self) -> None:
-    """ValueError naming the holder if another live run holds the workdir (reads only)."""
-    others = self.others(remove_stale=False)
-    if others:
-      self._refuse(others)
-
-  def acquire(self) -> None:
-    """Takes the lock, or raises ValueError naming the run that holds it."""
-    self._folder.mkdir(parents=True, exist_ok=True)
-    others = []
-    for attempt in range(_ATTEMPTS):
-      if attempt:
-        time.sleep(random.uniform(0.05, 0.5) * attempt)
-      self._file(self.token, 'json').write_text(json.dumps(self._claim))
-      others = self.others(remove_stale=True)
-      if not others:
-        self._thread = threading.Thread(target=self._beat, name='samjax-lock', daemon=True)
-        self._thread.start()
-        return
-      self._remove(self.token)
-    self._refuse(others)
-
-  def _beat(self) -> None:
-    while not self._stop.wait(self._heartbeat):
-      try:
-        self._file(self.token, 'alive').write_text(str(time.time()))
-      except OSError:  # a missed beat only brings a takeover from another host nearer
-        pass
-
-  def release(self) -> None:
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
-      self._thread = None
-      self._remove(self.token)
-
-
-def _mtime(path: epath.Path) -> float:
-  try:
-    return path.stat().mtime
-  except OSError:
-    return 0.0
-
-
-def _process_alive(pid) -> bool:
-  try:
-    os.kill(int(pid), 0)
-  except (ProcessLookupError, ValueError, TypeError):
-    return False
-  except PermissionError:  # exists, another user's
-    return True
-  return True
+  def refusal(self, holder: dict) -> str:
+    return (f'workdir {self._workdir} is in use by another run (host {holder.get("host")}, '
+            f'pid {holder.get("pid")}, since {claim_lock.format_since(holder)}); stop it, or use '
+            f'a new --workdir. A lock whose run is gone is taken over (same host: at once; another '
+            f'host: after {self.stale_seconds:.0f} s without a heartbeat).')
