@@ -325,7 +325,7 @@ def _misuse_message(count, cosine, radius) -> Optional[str]:
   bad_radius = ~(np.isfinite(radius) & (radius >= 0))
   if np.any(bad_radius):
     value = np.broadcast_to(radius, bad_radius.shape)[bad_radius].ravel()[0]
-    return (f'sam: rho = {value} at step {int(np.max(count))} (set under jit, e.g. through '
+    return (f'sam: rho = {float(value):.6g} at step {int(np.max(count))} (set under jit, e.g. through '
             f'optax.inject_hyperparams or a schedule); a radius must be finite and >= 0. Set '
             f"a valid rho (e.g. state.hyperparams['rho'] = 0.05).")
   reversed_ = (count == 0) & (cosine < _REVERSED_COSINE)
