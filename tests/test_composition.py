@@ -559,3 +559,54 @@ def test_docstrings_carry_the_composition_rules():
                  'grad_fn(params, i)', 'inject_hyperparams', 'clip'):
     assert needle in samjax.sam.__doc__, needle
   assert 'sync_perturbation=False' in samjax.SamState.__doc__
+
+
+def test_nnx_with_batchnorm_and_dropout_keeps_the_clean_pass_state():
+  """The README's NNX recipe: SAM's update, the clean pass's statistics and one RNG draw."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.body, self.norm = nnx.Linear(5, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs)
+      self.drop, self.head = nnx.Dropout(0.5, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(self.drop(jnp.tanh(self.norm(self.body(x)))))
+
+  _, x, y = setup(seed=22)
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(samjax.sam(0.3, has_aux=True), optax.sgd(0.5)),
+                            wrt=nnx.Param)
+  graphdef, params0, rest0 = nnx.split(model, nnx.Param, ...)
+  loss_at = lambda p: mlp_loss_nnx(nnx.merge(graphdef, p, rest0, copy=True), x, y)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_and_state(params):
+      at = nnx.merge(graphdef, params, rest, copy=True)
+      return mlp_loss_nnx(at, x, y), nnx.state(at, nnx.Not(nnx.Param))
+
+    grad_fn = jax.grad(loss_and_state, has_aux=True)
+    grads, new_rest = grad_fn(params)
+    optimizer.update(model, grads, grad_fn=grad_fn)
+    nnx.update(model, new_rest)
+
+  # By hand, before the step: theta - 0.5 grad L(theta~), the phantom's pass with the clean
+  # pass's dropout mask (the same RNG state).
+  start = np_tree(nnx.to_pure_dict(params0))
+  count0 = int(rest0['drop']['rngs']['count'][...])
+  g = jax.grad(loss_at)(params0)
+  norm = flat_norm(nnx.to_pure_dict(g))
+  phantom_state = jax.tree.map(lambda p, v: p + 0.3 * v / norm, params0, g)
+  phantom_g = np_tree(nnx.to_pure_dict(jax.grad(loss_at)(phantom_state)))
+  train_step(model, optimizer)
+  want = jax.tree.map(lambda p, d: np.asarray(p) - 0.5 * d, start, phantom_g)
+  assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), want, rtol=1e-4, atol=1e-6)
+  # BatchNorm: the running mean moved by the clean pass's batch mean (momentum 0.99).
+  h = np.asarray(x) @ np.asarray(start['body']['kernel']) + np.asarray(start['body']['bias'])
+  np.testing.assert_allclose(model.norm.mean[...], 0.01 * h.mean(axis=0), rtol=1e-5, atol=1e-7)
+  # Dropout: one draw per step (the clean pass), not two.
+  assert int(model.drop.rngs.count[...]) == count0 + 1
