@@ -325,18 +325,18 @@ def _misuse_message(count, cosine, radius) -> Optional[str]:
   bad_radius = ~(np.isfinite(radius) & (radius >= 0))
   if np.any(bad_radius):
     value = np.broadcast_to(radius, bad_radius.shape)[bad_radius].ravel()[0]
-    return (f'sam: rho = {float(value):.6g} at step {int(np.max(count))} (set under jit, e.g. through '
-            f'optax.inject_hyperparams or a schedule); a radius must be finite and >= 0. Set '
-            f"a valid rho (e.g. state.hyperparams['rho'] = 0.05).")
+    return (f'sam: rho = {float(value):.6g} at step {int(np.max(count))} (set under jit, e.g. '
+            'through optax.inject_hyperparams or a schedule); a radius must be finite and >= 0. '
+            "Set a valid rho (e.g. state.hyperparams['rho'] = 0.05).")
   reversed_ = (count == 0) & (cosine < _REVERSED_COSINE)
   if np.any(reversed_):
     value = float(np.min(np.broadcast_to(cosine, reversed_.shape)[reversed_]))
     return (f'sam: the update it received points against the gradient at the phantom (cosine '
             f'{value:.2f} at the first step): sam is placed after an optimizer, which hands it a '
-            f'descent step instead of the gradient, and the chain would ascend the loss. Put sam '
-            f'first: optax.chain(samjax.sam(rho), ..., optax.sgd(learning_rate)). (If sam is '
-            f'already first, rho is so large that the gradient at the phantom reverses the '
-            f'gradient: lower rho.)')
+            'descent step instead of the gradient, and the chain would ascend the loss. Put sam '
+            'first: optax.chain(samjax.sam(rho), ..., optax.sgd(learning_rate)). (If sam is '
+            'already first, rho is so large that the gradient at the phantom reverses the '
+            'gradient: lower rho.)')
   return None
 
 
@@ -346,16 +346,33 @@ def _raise_on_misuse(count, cosine, radius) -> None:
     raise ValueError(message)
 
 
+@jax.custom_batching.custom_vmap
+def _misuse_check(bad, count, cosine, radius):
+  jax.lax.cond(bad, lambda: jax.debug.callback(_raise_on_misuse, count, cosine, radius),
+               lambda: None)
+  return jnp.zeros((), jnp.bool_)
+
+
+@_misuse_check.def_vmap
+def _misuse_check_vmap(axis_size, in_batched, bad, count, cosine, radius):
+  """Under vmap, one check for the whole batch: a batched predicate would turn the cond into
+  a callback at every step (50x the cost of a small vmapped step)."""
+  del axis_size
+  bad = jnp.any(bad) if in_batched[0] else bad
+  return _misuse_check(bad, count, cosine, radius), False
+
+
 def _check_at_run_time(count, cosine, radius, check_radius: bool) -> None:
   """Raises, eagerly or (under jit) from a host callback that runs only when a check fails."""
   values = (count, cosine, radius)
   if all(_concrete(v) for v in values):
     _raise_on_misuse(*values)
     return
+  count, cosine, radius = (jax.lax.stop_gradient(jnp.asarray(v)) for v in values)
   bad = (count == 0) & (cosine < _REVERSED_COSINE)
   if check_radius:
     bad = bad | ~(jnp.isfinite(radius) & (radius >= 0))
-  jax.lax.cond(bad, lambda: jax.debug.callback(_raise_on_misuse, *values), lambda: None)
+  _misuse_check(bad, count, cosine, radius)
 
 
 def _shapes(tree: PyTree):
@@ -578,9 +595,9 @@ def lsam(
 
   Put it **first** in the chain, like :func:`sam` (whose composition rules it follows):
   ``optax.chain(samjax.lsam(rho), [clip], [decay], optax.sgd(lr))``. It replaces the update it
-  receives with the gradient at the phantom, so weight decay or a clip placed before it is
-  dropped; placed after an optimizer it raises at the first step. ``optax.MultiSteps`` around
-  it is refused (use :func:`samjax.accumulated_grad`).
+  receives with the gradient at the phantom, so ``optax.add_decayed_weights`` or a clip placed
+  before it is dropped; placed after an optimizer it raises at the first step.
+  ``optax.MultiSteps`` around it is refused (use :func:`samjax.accumulated_grad`).
 
   The phantom is ``(theta, v + rho g_v / ||g_v||)``; the descent gradient for
   every parameter is taken there. ``head`` names the module (a dict key in the
