@@ -20,9 +20,11 @@ gradient, so it composes with any optax chain::
     tx = optax.chain(samjax.sam(0.05), optax.sgd(0.1, momentum=0.9))
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
 
-Place it first in the chain: what precedes it shapes only the ascent direction
-(which SAM normalises, so a clip there has no effect), what follows it sees the
-phantom gradient (clip, weight decay and learning-rate schedules go there).
+Place it first in the chain: it replaces the update it receives with the phantom
+gradient, so what precedes it only shapes the ascent direction and is then dropped;
+what follows it sees the phantom gradient (clip, weight decay and learning-rate
+schedules go there). The composition rules, each enforced where it can be, are in
+:func:`sam`'s docstring.
 
 References:
   Foret et al., Sharpness-Aware Minimization for Efficiently Improving
