@@ -610,3 +610,26 @@ def test_nnx_with_batchnorm_and_dropout_keeps_the_clean_pass_state():
   np.testing.assert_allclose(model.norm.mean[...], 0.01 * h.mean(axis=0), rtol=1e-5, atol=1e-7)
   # Dropout: one draw per step (the clean pass), not two.
   assert int(model.drop.rngs.count[...]) == count0 + 1
+
+
+def test_the_run_time_checks_hold_under_vmap():
+  """A vmapped sweep (one check per step for the whole batch) still raises on a bad member."""
+  params, x, y = setup(seed=23)
+  grad_fn = lambda q: jax.grad(mlp_loss)(q, x, y)
+
+  def step(rho, sam_first=True):
+    parts = [samjax.sam(rho), optax.sgd(0.1)]
+    tx = optax.chain(*(parts if sam_first else parts[::-1]))
+    return tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)[0]
+
+  good = jax.jit(jax.vmap(step))(jnp.array([0.05, 0.2]))
+  g = np_tree(grad_fn(params))
+  for i, rho in enumerate((0.05, 0.2)):
+    phantom_g = np_tree(grad_fn(jax.tree.map(jnp.asarray, hand_phantom(np_tree(params), g, rho))))
+    assert_trees_close(jax.tree.map(lambda v, i=i: v[i], good),
+                       jax.tree.map(lambda v: -0.1 * v, phantom_g))
+  with pytest.raises(Exception, match=r'sam: rho = -0.2 at step 0'):
+    jax.block_until_ready(jax.jit(jax.vmap(step))(jnp.array([0.05, -0.2])))
+  with pytest.raises(Exception, match=r'sam is placed after an optimizer'):
+    jax.block_until_ready(jax.jit(jax.vmap(lambda r: step(r, sam_first=False)))(
+        jnp.array([0.05, 0.2])))
