@@ -633,3 +633,11 @@ def test_the_run_time_checks_hold_under_vmap():
   with pytest.raises(Exception, match=r'sam is placed after an optimizer'):
     jax.block_until_ready(jax.jit(jax.vmap(lambda r: step(r, sam_first=False)))(
         jnp.array([0.05, 0.2])))
+
+
+@pytest.mark.parametrize('optimizer', [optax.adam(1e-3), optax.adamw(1e-3, weight_decay=1e-2)])
+def test_an_adaptive_optimizer_before_sam_raises(optimizer):
+  """Adam's first step is about -lr sign(g): cosine -0.67 to -0.72 here, below -0.5."""
+  params, x, y = setup(seed=24)
+  with pytest.raises(Exception, match=r'sam is placed after an optimizer'):
+    jax.block_until_ready(sgd_step(optax.chain(optimizer, samjax.sam(0.05)), params, x, y))
