@@ -14,19 +14,27 @@ gradient, so nothing is cast.
 
 :func:`accumulated_grad` is the mean gradient over ``k`` micro-batches of a batch, computed with
 ``lax.scan`` so that activation memory is that of one micro-batch. Use it (not
-``optax.MultiSteps``) to accumulate around SAM: ``MultiSteps`` calls the inner transformation
-once per micro-batch with that micro-batch's extra arguments, so the SAM inside it would form its
-phantom from, and evaluate ``grad_fn`` on, the last micro-batch only.
+``optax.MultiSteps``) to accumulate around SAM: a SAM inside ``MultiSteps`` forms its phantom from
+the mean gradient over the micro-batches but takes the applied gradient from the last
+micro-batch's ``grad_fn`` alone, which is SAM on no batch (``samjax.sam`` refuses it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
 PyTree = Any
+
+
+AxisName = Union[Hashable, tuple]  # one mesh axis, or a tuple of them (as JAX collectives take)
+
+
+def axis_names(axis_name: AxisName) -> tuple:
+  """``axis_name`` as a tuple of mesh axis names: ``'data'`` -> ``('data',)``."""
+  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
 def varying_axes(x: Any) -> frozenset:
@@ -38,45 +46,52 @@ def varying_axes(x: Any) -> frozenset:
   return frozenset(getattr(aval, 'vma', frozenset()))
 
 
-def tracks_varying(axis_name: str, *, caller: str) -> bool:
-  """Whether JAX tracks device variance over ``axis_name`` here.
+def tracks_varying(axis_name: AxisName, *, caller: str, unbound_advice: str = '') -> bool:
+  """Whether JAX tracks device variance over every axis of ``axis_name`` here.
 
   True under ``jax.shard_map`` with ``check_vma=True``; False under ``pmap`` or
   ``check_vma=False``, where every value looks invariant and nothing can be checked.
 
   Raises:
-    ValueError: ``axis_name`` is not bound: the caller is not inside a ``pmap``/``shard_map``
-      over it.
+    ValueError: an axis of ``axis_name`` is not bound: the caller is not inside a
+      ``pmap``/``shard_map`` over it. ``unbound_advice`` ends the message.
   """
-  try:
-    index = jax.lax.axis_index(axis_name)
-  except NameError as e:
-    raise ValueError(
-        f'{caller}: axis {axis_name!r} is not bound here. Call it inside jax.shard_map or '
-        f'jax.pmap over {axis_name!r}, or pass axis_name=None outside them.') from e
-  return axis_name in varying_axes(index)
+  tracked = []
+  for name in axis_names(axis_name):
+    try:
+      index = jax.lax.axis_index(name)
+    except NameError as e:
+      raise ValueError(
+          f'{caller}: axis {name!r} is not bound here. Call it inside jax.shard_map or '
+          f'jax.pmap over {name!r}{unbound_advice}.') from None
+    tracked.append(name in varying_axes(index))
+  return all(tracked)
 
 
-def device_varying(tree: PyTree, axis_name: str) -> PyTree:
-  """Casts every leaf that does not vary over ``axis_name`` to device-varying (others as they are)."""
+def device_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
+  """Casts every leaf to device-varying over each axis of ``axis_name`` it does not vary over."""
+  names = axis_names(axis_name)
 
   def cast(x):
-    if axis_name in varying_axes(x):
-      return x
-    return jax.lax.pcast(x, axis_name, to='varying')
+    missing = tuple(a for a in names if a not in varying_axes(x))
+    # pcast refuses an axis the value already varies over: cast only the missing ones.
+    return jax.lax.pcast(x, missing, to='varying') if missing else x
 
   return jax.tree.map(cast, tree)
 
 
-def per_device_grad(fun: Callable, axis_name: str, *, argnums: Union[int, Sequence[int]] = 0,
-                    has_aux: bool = False) -> Callable:
+def per_device_grad(fun: Callable, axis_name: Optional[AxisName], *,
+                    argnums: Union[int, Sequence[int]] = 0, has_aux: bool = False) -> Callable:
   """Like ``jax.grad(fun, argnums, has_aux=has_aux)``, but each device's own gradient.
 
   Inside ``jax.shard_map`` with ``check_vma=True``, the arguments at ``argnums`` are made
   device-varying over ``axis_name`` (only the leaves that are not already), so the gradient of
-  a replicated argument is this device's gradient, not the sum over the axis. Under ``pmap`` or
-  ``check_vma=False`` it is ``jax.grad``. Hand its results to ``samjax.sam(axis_name=...)`` both
-  as the gradient and as ``grad_fn``::
+  a replicated argument is this device's gradient, not the sum over the axis. ``axis_name`` may
+  be a tuple of mesh axes (a batch sharded over ``P(('data', 'replica'))``): the gradient is then
+  each device's own over all of them. Under ``pmap`` or ``check_vma=False`` it is ``jax.grad``,
+  and with ``axis_name=None`` too (outside any mapped axis). Hand its results to
+  ``samjax.sam(axis_name=...)`` (the same ``axis_name``) both as the gradient and as
+  ``grad_fn``::
 
     grad_fn = samjax.per_device_grad(loss_fn, 'data')       # loss_fn(params, batch)
     grads = grad_fn(params, batch)
@@ -85,7 +100,8 @@ def per_device_grad(fun: Callable, axis_name: str, *, argnums: Union[int, Sequen
 
   Args:
     fun: the function to differentiate, as for ``jax.grad``.
-    axis_name: the mapped axis of the enclosing ``shard_map``/``pmap``.
+    axis_name: the mapped axis (or tuple of axes) of the enclosing ``shard_map``/``pmap``;
+      ``None``: plain ``jax.grad``.
     argnums: which positional argument(s) to differentiate with respect to.
     has_aux: ``fun`` returns ``(value, aux)``; the result is then ``(grads, aux)``.
 
@@ -93,16 +109,40 @@ def per_device_grad(fun: Callable, axis_name: str, *, argnums: Union[int, Sequen
     A function with ``fun``'s signature returning the per-device gradient (and ``aux``).
   """
   grad_fun = jax.grad(fun, argnums=argnums, has_aux=has_aux)
+  if axis_name is None:
+    return grad_fun
+  names = axis_names(axis_name)
   positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  value_and_grad = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
+  advice = (', or outside them use jax.grad(fun) (or per_device_grad(fun, None)): there the '
+            "gradient is already the whole batch's")
 
   def per_device(*args, **kwargs):
-    if tracks_varying(axis_name, caller='per_device_grad'):
-      args = list(args)
-      for i in positions:
-        args[i] = device_varying(args[i], axis_name)
-    return grad_fun(*args, **kwargs)
+    if not tracks_varying(axis_name, caller='per_device_grad', unbound_advice=advice):
+      return grad_fun(*args, **kwargs)
+    args = list(args)
+    for i in positions:
+      args[i] = device_varying(args[i], axis_name)
+    out, grads = value_and_grad(*args, **kwargs)
+    _check_summed_over_no_axis(out[0] if has_aux else out, [args[i] for i in positions], names)
+    return (grads, out[1]) if has_aux else grads
 
   return per_device
+
+
+def _check_summed_over_no_axis(value, differentiated: list, names: tuple) -> None:
+  """jax.grad sums over every axis the value varies over and a leaf does not: here only over
+  axes outside ``axis_name`` can that happen (the leaves vary over all of ``axis_name``)."""
+  summed = set()
+  for leaf in jax.tree.leaves(differentiated):
+    summed |= varying_axes(value) - varying_axes(leaf)
+  if summed:
+    axes = tuple(names) + tuple(sorted(summed - set(names), key=str))
+    raise ValueError(
+        f'per_device_grad: the loss varies over the mesh axes {tuple(sorted(summed, key=str))} '
+        f'as well (the batch is sharded over them), so the gradient would be summed over them. '
+        f'Name every axis the batch is sharded over: per_device_grad(fun, {axes!r}) and '
+        f'samjax.sam(..., axis_name={axes!r}).')
 
 
 def split_microbatches(batch: PyTree, k: int) -> PyTree:
@@ -148,7 +188,7 @@ def _check_divisible(batch: PyTree, k: int) -> None:
 
 
 def accumulated_grad(fun: Callable, num_microbatches: int, *, has_aux: bool = False,
-                     axis_name: str | None = None) -> Callable:
+                     axis_name: Optional[AxisName] = None) -> Callable:
   """``(params, batch) -> mean gradient of fun over num_microbatches micro-batches``.
 
   The batch (every leaf's leading dimension) is split into ``k = num_microbatches`` strided
@@ -158,8 +198,10 @@ def accumulated_grad(fun: Callable, num_microbatches: int, *, has_aux: bool = Fa
   rounding, because the mean of equal-sized micro-batch means is the batch mean.
 
   Around SAM, use it for the clean gradient and inside ``grad_fn`` (the phantom gradient is
-  then accumulated too), instead of wrapping the chain in ``optax.MultiSteps``, which would
-  perturb with the last micro-batch only::
+  then accumulated too): that is exact SAM on the whole batch. Wrapping the chain in
+  ``optax.MultiSteps`` instead is not: the SAM inside it forms its phantom from the mean
+  gradient over the micro-batches, but the applied gradient is the last micro-batch's
+  ``grad_fn`` at that phantom alone (``samjax.sam`` refuses to run inside ``MultiSteps``)::
 
     grad = samjax.accumulated_grad(loss_fn, 4)               # loss_fn(params, batch)
     updates, opt_state = tx.update(grad(params, batch), opt_state, params,
@@ -170,7 +212,8 @@ def accumulated_grad(fun: Callable, num_microbatches: int, *, has_aux: bool = Fa
     num_microbatches: ``k >= 1``.
     has_aux: ``fun`` returns ``(value, aux)``; the result is then ``(grads, aux)`` with each
       ``aux`` leaf stacked along a new leading axis of length ``k``.
-    axis_name: inside ``shard_map``/``pmap``: per-device gradients, as :func:`per_device_grad`.
+    axis_name: inside ``shard_map``/``pmap``: per-device gradients over this axis (or tuple
+      of axes), as :func:`per_device_grad`.
   """
   if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
     raise ValueError(f'accumulated_grad: num_microbatches must be an int >= 1, got {num_microbatches!r}.')
