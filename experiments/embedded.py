@@ -169,8 +169,13 @@ def run_points(points: Sequence[dict], data: Data, config, vmap: bool = False,
           [p['seed'] for p in mine])
     else:
       trainer = grid_train.compiled_point_trainer(recipe)
-      trained = [grid_train.train_point(recipe, images, labels, p['learning_rate'], p['rho'],
-                                        p['seed'], trainer=trainer) for p in mine]
+      trained = []
+      for i, p in enumerate(mine):
+        trained.append(grid_train.train_point(recipe, images, labels, p['learning_rate'],
+                                              p['rho'], p['seed'], trainer=trainer))
+        if (i + 1) % 8 == 0 and i + 1 < len(mine):
+          log(f'{method}: {i + 1} of {len(mine)} points trained '
+              f'({time.perf_counter() - start:.0f} s)')
       params = jax.tree.map(lambda *xs: np.stack(xs), *[t[0] for t in trained])
       losses = np.stack([t[1] for t in trained])
     jax.block_until_ready(params)

@@ -51,3 +51,16 @@ def test_measure_grid_throughput_reports_both_sides():
   for key in ('vmapped_points_per_s_warm', 'sequential_points_per_s_warm',
               'vmapped_over_sequential_cold', 'vmapped_over_sequential_warm'):
     assert numbers[key] > 0
+
+
+def test_initial_params_are_what_every_point_of_the_seed_starts_from():
+  recipe = grid_train.Recipe(method='sgd', num_steps=0, batch_size=16, width=4)
+  images, labels = grid_train.synthetic_task(32, shape=(16, 8, 1))
+  for seed in (0, 3):
+    untrained, _ = grid_train.train_point(recipe, images, labels, 0.1, 0.0, seed)
+    expected = grid_train.initial_params(recipe, images[:1], seed)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 untrained, expected)
+  other = grid_train.initial_params(recipe, images[:1], 1)
+  assert not np.allclose(np.asarray(other['head']['kernel']),
+                         np.asarray(expected['head']['kernel']))
