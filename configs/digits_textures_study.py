@@ -63,7 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.learning_rates = (0.05,)
     config.rhos = (0.02, 0.05, 0.1)
     config.methods = ('sgd', 'sam')
-    config.num_seeds = 34
+    # Pilot (4 seeds, rho 0.05 and 0.1, this recipe): sd of the primary difference 0.0080, upper
+    # 95 % confidence bound 0.023; samjax.stats.seeds_for_half_width(0.023, 0.02) = 8. 12 seeds:
+    # half-width 0.015 and MDE (80 %, alpha 0.05) 0.021 at the upper bound, 0.007 at the pilot's
+    # sd.
+    config.num_seeds = 12
   elif budget == 'tiny':
     config.width = 8
     config.num_steps = 4
