@@ -87,13 +87,15 @@ def rho_averaged(points: Sequence[dict], method: str, learning_rate: float, metr
 
 def study_verdict(interval: Sequence[float], paper_effect: float) -> str:
   """"improves" (interval below 0), "no gain larger than X" (X = -lower bound, below
-  ``paper_effect``; X = 0 when the interval lies at or above 0), else "cannot tell"."""
+  ``paper_effect``; X = 0 and "worse" when the interval lies above 0), else "cannot tell"."""
   low, high = interval
   if high < 0:
     return 'improves'
   largest_gain = max(0.0, -float(low))
   if largest_gain < paper_effect:
-    return f'no gain larger than {largest_gain:.4f}'
+    # An interval wholly above 0 excludes any gain: the method is worse than the baseline.
+    return f'no gain larger than {largest_gain:.4f}' + (' (worse: interval above 0)' if low > 0
+                                                        else '')
   return 'cannot tell'
 
 

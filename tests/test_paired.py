@@ -85,7 +85,8 @@ def test_paired_record_recomputes_from_its_per_seed_differences():
 @pytest.mark.parametrize('interval,expected', [
     ((-0.03, -0.001), 'improves'),
     ((-0.005, 0.02), 'no gain larger than 0.0050'),
-    ((0.001, 0.02), 'no gain larger than 0.0000'),  # SGD better: no gain at all
+    ((0.001, 0.02), 'no gain larger than 0.0000 (worse: interval above 0)'),  # SGD better
+    ((0.0, 0.02), 'no gain larger than 0.0000'),
     ((-0.02, 0.01), 'cannot tell'),  # a gain of 0.02 > the paper's 0.0135 is not excluded
 ])
 def test_study_verdict(interval, expected):
