@@ -71,6 +71,11 @@ def _init_point(recipe: Recipe, sample: jax.Array, learning_rate, rho, seed):
   return params, make_optimizer(recipe, learning_rate, rho).init(params)
 
 
+def initial_params(recipe: Recipe, sample, seed: int):
+  """The initial parameters every grid point of seed ``seed`` starts from (its untrained net)."""
+  return _init_point(recipe, jnp.asarray(sample), 0.0, 0.0, seed)[0]
+
+
 def _step_point(recipe: Recipe, images: jax.Array, labels: jax.Array, carry, learning_rate, rho,
                 seed, step_index):
   """One training step of one grid point; ``images`` are normalised float32 ``[N, H, W, C]``."""

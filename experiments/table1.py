@@ -9,11 +9,13 @@ The paper's grids (PAPER.md): CIFAR-MNIST / FMNIST-MNIST lr {0.01, 0.05, 0.1} x 
 extraction; its claim is SAM < SGD on both probes for all four data sets, which the table states
 per row. ``--budget=tiny`` shrinks the grid and the steps so that it runs on a CPU in minutes.
 
-The embedded study (no download; :mod:`embedded`): SGD, SAM and LSAM paired by seed on
-``digits_textures``, written to ``OUT/table1.json`` (key ``paired``) and
+The embedded study (no download; :mod:`embedded`, docs/real_data.md): SAM (and LSAM) minus SGD
+paired by seed at equal learning rate on ``digits_textures``, with a pre-registered primary
+endpoint (configs/digits_textures_study.py), written to ``OUT/table1.json`` and
 ``OUT/table1_embedded.md``:
 
-  python -m experiments.table1 --embedded --out=runs/embedded          # one point at a time
+  python -m experiments.table1 --embedded --out=runs/embedded                  # CPU budget
+  python -m experiments.table1 --embedded --budget=paper --out=runs/paper      # accelerator
   python -m experiments.table1 --embedded --vmap --out=runs/embedded   # a method's grid vmapped
 
 Any grid spreads over machines with ``--shard=i/n`` (0 <= i < n): each invocation runs the i-th
@@ -33,7 +35,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('out', 'runs/table1', 'Output folder (run workdirs and tables).')
 flags.DEFINE_list('datasets', ['cifar_mnist', 'fmnist_mnist', 'celeba', 'waterbirds'],
                   'Config names (configs/NAME.py).')
-flags.DEFINE_enum('budget', 'paper', ['paper', 'tiny'], 'paper: full grids; tiny: a CPU smoke run.')
+flags.DEFINE_enum('budget', None, ['paper', 'cpu', 'tiny'],
+                  'paper: full grids (default; --embedded: the paper\'s net and steps, for an '
+                  'accelerator); cpu: the embedded study on 2 CPU cores (--embedded\'s default); '
+                  'tiny: a CPU smoke run.')
 flags.DEFINE_integer('num_seeds', None, 'Override the number of seeds.')
 flags.DEFINE_string('data_dir', '', 'TFDS data_dir for every run.')
 flags.DEFINE_string('manual_dir', '', 'Manual download folder (Waterbirds).')
@@ -96,13 +101,17 @@ def main(argv):
                       f'{2 if FLAGS.embedded else 1} (the embedded study\'s intervals need 2).')
   if FLAGS.embedded:
     from experiments import embedded  # pylint: disable=g-import-not-at-top
-    embedded.run_study(FLAGS.out, shard, FLAGS.merge, FLAGS.budget, FLAGS.num_seeds,
+    embedded.run_study(FLAGS.out, shard, FLAGS.merge, FLAGS.budget or 'cpu', FLAGS.num_seeds,
                        FLAGS.data_dir or None, FLAGS.vmap)
     return
+  budget = FLAGS.budget or 'paper'
+  if budget == 'cpu':
+    sweep.usage_error('--budget=cpu is the embedded study\'s budget: add --embedded, or use '
+                      '--budget=paper|tiny.')
   if FLAGS.vmap:
     sweep.usage_error('--vmap trains the embedded study\'s grid in one program: add --embedded.')
-  runs = build_runs(FLAGS.datasets, FLAGS.budget, FLAGS.num_seeds)
-  records = sweep.run_shard_and_merge(runs, FLAGS.out, overrides(FLAGS.budget), FLAGS.shard,
+  runs = build_runs(FLAGS.datasets, budget, FLAGS.num_seeds)
+  records = sweep.run_shard_and_merge(runs, FLAGS.out, overrides(budget), FLAGS.shard,
                                       FLAGS.merge)
   if records is None:
     return

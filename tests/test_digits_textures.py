@@ -48,9 +48,39 @@ def test_tiles_partition_every_photograph_into_the_splits():
       assert not seen[a] & seen[b]
 
 
-def test_patches_are_mean_free_so_brightness_does_not_tell_the_photograph(splits):
+def test_patches_are_standardised_so_brightness_and_contrast_do_not_tell_the_photograph(splits):
   bottoms = splits['probe_test']['image'][:, 16:, :, 0].astype(np.float64)
   assert np.all(np.abs(bottoms.mean(axis=(1, 2)) - 128) < 3)  # rounding and clipping only
+  contrast = bottoms.std(axis=(1, 2))
+  # Rounding moves the std a little (most by < 0.1); clipping at 0/255 lowers it for the few
+  # patches with a pixel beyond 4 standard deviations.
+  assert np.mean(np.abs(contrast - digits_textures.PATCH_CONTRAST) < 0.1) > 0.95
+  assert np.all(contrast <= digits_textures.PATCH_CONTRAST + 0.5)
+  # Per class, the contrast is the same (it told the old pair apart).
+  texture = splits['probe_test']['texture']
+  assert abs(contrast[texture == 0].mean() - contrast[texture == 1].mean()) < 0.5
+
+
+def test_quantise_patches_is_the_closed_form():
+  patch = np.arange(16, dtype=np.float64).reshape(1, 4, 4)
+  expected = 128 + digits_textures.PATCH_CONTRAST * (patch - 7.5) / patch.std()
+  np.testing.assert_array_equal(digits_textures.quantise_patches(patch),
+                                np.clip(np.round(expected), 0, 255).astype(np.uint8))
+
+
+def test_digits_are_placed_whole_at_offsets_inside_the_cell():
+  digits = np.full((200, 12, 12), 255, np.uint8)
+  cells = digits_textures.place_digits(digits, np.random.default_rng(0))
+  assert cells.shape == (200, 16, 16)
+  assert np.all((cells > 0).sum(axis=(1, 2)) == 144)  # nothing cropped
+  corners = {tuple(np.argwhere(c)[0]) for c in cells}
+  assert corners == {(y, x) for y in range(5) for x in range(5)}  # all 25 offsets used
+
+
+def test_easy_halves_are_mostly_distinct(splits):
+  tops = splits['train']['image'][:, :16].reshape(2000, -1)
+  digits = np.unique(splits['train']['easy_index'])
+  assert len(np.unique(tops, axis=0)) > 5 * len(digits)  # placement multiplies the ~144 digits
 
 
 @pytest.mark.slow

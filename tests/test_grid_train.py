@@ -47,3 +47,18 @@ def test_measure_grid_throughput_reports_both_sides():
   for key in ('vmapped_points_per_s_warm', 'sequential_points_per_s_warm',
               'vmapped_over_sequential_cold', 'vmapped_over_sequential_warm'):
     assert numbers[key] > 0
+
+
+def test_initial_params_are_what_every_point_of_the_seed_starts_from():
+  images, _ = grid_train.synthetic_task(32, shape=(16, 8, 1))
+  for method, lr, rho, seed in (('sgd', 0.1, 0.0, 0), ('sam', 0.05, 0.2, 3)):
+    recipe = grid_train.Recipe(method=method, num_steps=2, batch_size=16, width=4)
+    # The trainer's carry before its first step: (params, opt_state).
+    untrained, _ = grid_train.compiled_point_trainer(recipe).init(
+        images[:1], np.float32(lr), np.float32(rho), np.uint32(seed))
+    expected = grid_train.initial_params(recipe, images[:1], seed)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 untrained, expected)
+  other = grid_train.initial_params(recipe, images[:1], 1)
+  assert not np.allclose(np.asarray(other['head']['kernel']),
+                         np.asarray(expected['head']['kernel']))
