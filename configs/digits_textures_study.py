@@ -1,7 +1,7 @@
 """The embedded real-data study (issue 22): SGD vs SAM (and LSAM) on ``digits_textures``.
 
-    python experiments/table1.py --embedded --out=/tmp/embedded                  # CPU budget
-    python experiments/table1.py --embedded --budget=paper --out=/tmp/paper      # accelerator
+    python -m experiments.table1 --embedded --out=/tmp/embedded                  # CPU budget
+    python -m experiments.table1 --embedded --budget=paper --out=/tmp/paper      # accelerator
 
 This file is the study's pre-registration: the primary endpoint, the grids, the budgets, the
 number of seeds and the rule that decides whether the study counts as a test were written here
