@@ -324,7 +324,7 @@ def _fmt_ci(r: dict) -> str:
 
 
 def _fmt_mde(r: dict) -> str:
-  return 'n/a (< 4 seeds)' if r['mde'] is None else f"{r['mde']:.4f}"
+  return f"{r['mde']:.4f}"
 
 
 def report(summary: dict, figure_name: str, wall_s: Optional[float] = None) -> str:

@@ -111,9 +111,7 @@ def paired_record(method_values: dict[int, float], baseline_values: dict[int, fl
   return {
       **fields, 'seeds': seeds, 'per_seed_differences': differences,
       'n_seeds': result['n_seeds'], 'mean': result['estimate'], 'ci95': result['ci95'],
-      # samjax.stats' power solve turns NaN below 3 degrees of freedom: no MDE under 4 seeds.
-      'sd': result['sd'], 'mde': stats.minimum_detectable_effect(result['sd'], len(seeds))
-      if len(seeds) >= 4 else None,
+      'sd': result['sd'], 'mde': stats.minimum_detectable_effect(result['sd'], len(seeds)),
       'verdict': study_verdict(result['ci95'], paper_effect)
       if direction == 'less' else result['verdict'],
   }

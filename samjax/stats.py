@@ -96,9 +96,12 @@ def t_test_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float
   if sd <= 0:
     raise ValueError(f'sd must be > 0, got {sd}')
   critical = stats.t.ppf(1 - alpha / 2, n - 1)
-  noncentrality = effect * math.sqrt(n) / sd
+  # The test is symmetric in the sign of the effect; with a non-negative noncentrality the lower
+  # tail is the small term, which scipy's nct returns as NaN once it underflows (few seeds).
+  noncentrality = abs(effect) * math.sqrt(n) / sd
+  lower = stats.nct.cdf(-critical, n - 1, noncentrality)
   return float(stats.nct.sf(critical, n - 1, noncentrality)
-               + stats.nct.cdf(-critical, n - 1, noncentrality))
+               + (0.0 if math.isnan(lower) else lower))
 
 
 def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05,
@@ -115,6 +118,8 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05,
   # The sum of the two t quantiles slightly overestimates the effect: twice it brackets the root
   # while keeping the noncentral t (which turns NaN far in its tail) well-behaved.
   upper = 2 * (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)
+  while t_test_power(upper, sd, n, alpha) < power:  # heavy tails at two or three seeds
+    upper *= 2
   return float(optimize.brentq(lambda d: t_test_power(d, sd, n, alpha) - power, 0.0, upper,
                                xtol=1e-12 * max(sd, 1e-300)))
 

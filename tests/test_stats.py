@@ -71,6 +71,19 @@ def test_power_matches_simulated_t_tests():
   assert stats.t_test_power(0.0, sd, n) == pytest.approx(0.05, abs=1e-12)
 
 
+@pytest.mark.parametrize('n', [2, 3, 4])
+def test_power_and_mde_at_few_seeds_match_simulation(n):
+  sd = 0.05
+  mde = stats.minimum_detectable_effect(sd, n)
+  assert np.isfinite(mde) and mde > 0
+  rng = np.random.default_rng(n)
+  samples = rng.normal(mde, sd, size=(40_000, n))
+  t = samples.mean(1) / (samples.std(1, ddof=1) / math.sqrt(n))
+  simulated = np.mean(np.abs(t) > scipy_stats.t.ppf(0.975, n - 1))
+  assert simulated == pytest.approx(0.8, abs=0.01)
+  assert stats.t_test_power(-mde, sd, n) == pytest.approx(0.8, abs=1e-9)
+
+
 def test_minimum_detectable_effect():
   sd, n = 0.051, 8
   mde = stats.minimum_detectable_effect(sd, n)
