@@ -97,6 +97,7 @@ def test_per_microbatch_sharded_equals_single_device():
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_tracks_float32_and_keeps_float32_state():
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(32, 16, 16, 1)).astype(np.float32),

@@ -119,6 +119,7 @@ def test_broken_config_files_are_one_line_and_exit_2(tmp_path, bad_config_files,
     ('--config.seed=1180591620717411303424', 'seed'),  # 2**70
     ('--config.num_train_steps=1000000000000000000000000000000', 'num_train_steps'),  # 10**30
 ])
+@pytest.mark.slow
 def test_numbers_out_of_range_are_refused_by_the_schema(tmp_path, override, field):
   workdir = tmp_path / 'run'
   proc = run_main(['--config=configs/digits_dominoes.py', f'--workdir={workdir}', override])
@@ -129,6 +130,7 @@ def test_numbers_out_of_range_are_refused_by_the_schema(tmp_path, override, fiel
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_a_workdir_that_is_a_file_or_read_only_is_refused_untouched(tmp_path):
   as_file = tmp_path / 'file'
   as_file.write_text('not a directory')
@@ -153,6 +155,7 @@ def test_a_workdir_that_is_a_file_or_read_only_is_refused_untouched(tmp_path):
     read_only.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_a_data_set_that_is_not_prepared_stops_before_any_download(tmp_path):
   workdir, data_dir = tmp_path / 'run', tmp_path / 'empty_tfds'
   data_dir.mkdir()
@@ -177,6 +180,7 @@ def test_a_typo_in_a_field_name_is_plain_text_with_a_suggestion(tmp_path):
   assert len(lines) == 1 and 'Did you mean "name"' in lines[0] and '\\' not in lines[0], lines
 
 
+@pytest.mark.slow
 def test_device_placement_of_a_split_above_the_budget_is_one_line_and_exit_2(tmp_path):
   from samjax import data as data_lib  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path / 'tfds')

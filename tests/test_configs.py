@@ -59,6 +59,7 @@ def test_stacked_configs_under_mocked_catalog_data(tmp_path, name, builder):
   assert {'easy_probe_error', 'hard_probe_error'} <= set(result)
 
 
+@pytest.mark.slow
 def test_waterbirds_config_on_a_fixture_download(tmp_path):
   write_waterbirds_folder(tmp_path / 'manual')
   config = shrink(load_config('waterbirds', 'sgd'), tmp_path, image_size=32)
@@ -68,6 +69,7 @@ def test_waterbirds_config_on_a_fixture_download(tmp_path):
   check_outputs(str(tmp_path / 'run'), result)
 
 
+@pytest.mark.slow
 def test_domainbed_config_on_a_fixture_tree(tmp_path):
   write_pacs_tree(tmp_path / 'manual')
   config = shrink(load_config('domainbed', 'pacs,sketch,asam'), tmp_path, image_size=32)

@@ -41,6 +41,7 @@ def outputs(workdir, tmp_path_factory):
     return paths, json.load(f)
 
 
+@pytest.mark.slow
 def test_writes_pngs_and_json(outputs):
   paths, result = outputs
   for key in ('fig3', 'fig5'):
@@ -51,6 +52,7 @@ def test_writes_pngs_and_json(outputs):
   assert not [n for n in os.listdir(os.path.dirname(paths['json'])) if n.startswith('.')]
 
 
+@pytest.mark.slow
 def test_lorenz_gini_and_bins_are_consistent(outputs):
   _, result = outputs
   lorenz = result['lorenz']
@@ -83,6 +85,7 @@ def test_lorenz_gini_and_bins_are_consistent(outputs):
       float(np.median(np.asarray(examples['weight_phantom'])[in_cell])), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_phantom_gini_matches_an_independent_recomputation(workdir, outputs):
   _, result = outputs
   _, dataset, model, variables, step = train.load_run(workdir)
@@ -114,6 +117,7 @@ def test_phantom_gini_matches_an_independent_recomputation(workdir, outputs):
   np.testing.assert_allclose(result['examples']['weight_real'], real, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(workdir, tmp_path, capsys):
   empty = tmp_path / 'empty'
   empty.mkdir()

@@ -8,7 +8,8 @@ from experiments import grid_train
 from experiments.bench.grids import measure_grid_throughput
 
 
-@pytest.mark.parametrize('method', ['sam', pytest.param('lsam', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('method', ['sam', 'lsam'])
 def test_vmapped_grid_equals_points_alone(method):
   recipe = grid_train.Recipe(method=method, num_steps=6, batch_size=16, width=4)
   images, labels = grid_train.synthetic_task(64, shape=(16, 8, 1))
@@ -28,6 +29,7 @@ def test_vmapped_grid_equals_points_alone(method):
   assert not np.allclose(np.asarray(other['head']['kernel']), head[0])  # rho matters
 
 
+@pytest.mark.slow
 def test_points_of_one_seed_share_init_and_order_across_methods():
   images, labels = grid_train.synthetic_task(64, shape=(16, 8, 1))
   runs = {}
@@ -49,6 +51,7 @@ def test_measure_grid_throughput_reports_both_sides():
     assert numbers[key] > 0
 
 
+@pytest.mark.slow
 def test_initial_params_are_what_every_point_of_the_seed_starts_from():
   images, _ = grid_train.synthetic_task(32, shape=(16, 8, 1))
   for method, lr, rho, seed in (('sgd', 0.1, 0.0, 0), ('sam', 0.05, 0.2, 3)):

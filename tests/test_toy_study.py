@@ -137,6 +137,7 @@ def test_rows_are_the_product_of_the_sweep():
   assert all(r.fixed_ratio is None for r in rows if r.method not in study.INTERVENTIONS)
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(tmp_path):
   config = tiny_config()
   out = study.run(config, str(tmp_path))

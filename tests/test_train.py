@@ -51,6 +51,7 @@ def restore_params(workdir):
   return restored
 
 
+@pytest.mark.slow
 def test_digits_dominoes_trains_for_real_and_writes_every_output(tmp_path, data_dir):
   config = tiny_digits_config(data_dir, 'sam', steps=120)
   config.checkpoint_every_steps = 40
@@ -111,6 +112,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
   assert os.path.exists(os.path.join(workdir, 'probe.json'))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_config_is_refused_and_workdir_untouched(tmp_path, data_dir):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny_digits_config(data_dir, 'sgd', steps=8), workdir)
@@ -195,6 +197,7 @@ def assert_a_wrong_record_quarantines_step_8(workdir, record):
   assert os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))[0].startswith('8.')
 
 
+@pytest.mark.slow
 def test_checksums_are_recorded_and_verified(tmp_path, data_dir, caplog):
   from samjax.train import checkpoint as checkpoint_lib
   workdir = str(tmp_path / 'run')
@@ -217,6 +220,7 @@ def test_checksums_are_recorded_and_verified(tmp_path, data_dir, caplog):
   assert_a_wrong_record_quarantines_step_8(workdir, legacy_record)
 
 
+@pytest.mark.slow
 def test_a_wrong_recorded_checksum_quarantines_the_checkpoint(tmp_path, data_dir):
   from samjax.train import checkpoint as checkpoint_lib
   workdir = str(tmp_path / 'run')
@@ -381,6 +385,7 @@ def test_a_checkpoint_saved_in_the_single_item_layout_of_earlier_versions_restor
   assert not (tmp_path / checkpoint_lib.QUARANTINE).exists()
 
 
+@pytest.mark.slow
 def test_checkpoints_follow_the_cadence_and_the_profile_hook_writes_a_trace(tmp_path, data_dir):
   config = tiny_digits_config(data_dir, 'sgd', steps=14)
   config.checkpoint_every_steps = 4
