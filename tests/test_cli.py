@@ -21,9 +21,10 @@ def run_main(args, env_extra=None, timeout=120):
 
 @pytest.mark.parametrize('override, field', [
     ('--config.optimizer.rho=-0.5', 'optimizer.rho'),
-    ('--config.optimizer.name=adamw', 'optimizer.name'),
-    ('--config.batch_size=7', 'batch_size'),
-    ('--config.data.name=imagenet', 'data.name'),
+    # Each case starts a Python process (~4 s): one in the fast suite, the rest with the slow ones.
+    pytest.param('--config.optimizer.name=adamw', 'optimizer.name', marks=pytest.mark.slow),
+    pytest.param('--config.batch_size=7', 'batch_size', marks=pytest.mark.slow),
+    pytest.param('--config.data.name=imagenet', 'data.name', marks=pytest.mark.slow),
 ])
 def test_bad_train_config_is_one_line_and_exit_2(tmp_path, override, field):
   workdir = tmp_path / 'run'
@@ -40,9 +41,10 @@ def test_bad_train_config_is_one_line_and_exit_2(tmp_path, override, field):
 
 @pytest.mark.parametrize('args', [
     ['--config=configs/digits_dominoes.py', '--workdir={w}', '--config.no_such_field=1'],
-    ['--config=configs/no_such_config.py', '--workdir={w}'],
-    ['--workdir={w}'],
-    ['--config=configs/digits_dominoes.py', '--workdir={w}', '--config.optimizer.rho=abc'],
+    pytest.param(['--config=configs/no_such_config.py', '--workdir={w}'], marks=pytest.mark.slow),
+    pytest.param(['--workdir={w}'], marks=pytest.mark.slow),
+    pytest.param(['--config=configs/digits_dominoes.py', '--workdir={w}',
+                  '--config.optimizer.rho=abc'], marks=pytest.mark.slow),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, args):
   workdir = tmp_path / 'run'
@@ -103,8 +105,9 @@ def bad_config_files(tmp_path):
   }
 
 
-@pytest.mark.parametrize('kind', ['syntax error', 'get_config() raised', 'ModuleNotFoundError',
-                                  'not a Python file', 'defines no get_config'])
+@pytest.mark.parametrize('kind', ['syntax error'] + [
+    pytest.param(k, marks=pytest.mark.slow) for k in (
+        'get_config() raised', 'ModuleNotFoundError', 'not a Python file', 'defines no get_config')])
 def test_broken_config_files_are_one_line_and_exit_2(tmp_path, bad_config_files, kind):
   workdir = tmp_path / 'run'
   proc = run_main([f'--config={bad_config_files[kind]}', f'--workdir={workdir}'])

@@ -156,6 +156,7 @@ def test_convnet_init_matches_torch_default_scale(convnet_and_variables):
   assert np.abs(np.asarray(variables['params']['conv2']['bias'])).max() <= bound
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(convnet_and_variables):
   _, variables = convnet_and_variables
   model = models.create_model({'name': 'convnet', 'dtype': 'bfloat16'}, NUM_CLASSES)

@@ -318,6 +318,7 @@ def test_chunk_with_precomputed_epoch_orders_equals_single_steps():
   assert int(chunked.step) == 7
 
 
+@pytest.mark.slow
 def test_vmapped_sweep_equals_runs_one_at_a_time():
   """SGD, LSAM and LSAM-noflip, different radii, complexities, data constants, learning
   rates and head inits, as one vmapped program."""
