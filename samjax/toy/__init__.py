@@ -3,6 +3,6 @@
 ``samjax.toy.study.run(config, workdir)`` runs a whole study (see ``configs/toy.py``).
 """
 
-from samjax.toy.study import run, validate
+from samjax.toy.study import run
 
-__all__ = ['run', 'validate']
+__all__ = ['run']
