@@ -90,10 +90,7 @@ class RunRow:
     return toy_train.PROGRAMS[self.method]
 
 
-def _tuple(value) -> tuple:
-  # Looked up per call: samjax.config imports samjax.toy (for the methods), so this module may
-  # load while samjax.config is still loading.
-  return config_lib.as_tuple(value)
+_tuple = config_lib.as_tuple
 
 
 # ----------------------------------------------------------------------------- the sweep
