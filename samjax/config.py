@@ -279,7 +279,8 @@ TOY_FIELDS: tuple[Field, ...] = (
     # The ratio diagnostics and v^ assume a positive head.
     _real('head_init', 1.0, 'Scale of the initial head v (v_easy = v_hard at init).',
           low_open=True),
-    Field('head_random', False, bool, 'Random initial head v = head_init abs(z), z ~ N(0, I_2) per seed.'),
+    Field('head_random', False, bool, 'Signed random initial head: each coordinate uniform in '
+          '+-head_init / sqrt(2) (PyTorch nn.Linear at head_init = 1).'),
     # Appendix C fixes v^.
     Field('intervention_norm', 'initial', str,
           "Interventions' v^: 'initial' fixed at the initial head's length, 'tracking' "
