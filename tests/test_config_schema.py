@@ -34,6 +34,46 @@ def test_base_config_holds_every_field_with_its_default():
   config_lib.validate_train_config(config, num_devices=8)
 
 
+def test_base_toy_config_holds_every_toy_field_with_its_default():
+  config = config_lib.base_toy_config()
+  flat = {}
+
+  def walk(node, prefix=''):
+    for key, value in node.items():
+      if hasattr(value, 'items') and f'{prefix}{key}' not in config_lib.TOY_FIELDS_BY_NAME:
+        walk(value, f'{prefix}{key}.')
+      else:
+        flat[f'{prefix}{key}'] = value
+  walk(config)
+  assert set(flat) == set(config_lib.TOY_FIELDS_BY_NAME)
+  for name, field in config_lib.TOY_FIELDS_BY_NAME.items():
+    if name == 'compilation_cache_dir':  # $XDG_CACHE_HOME resolved
+      assert flat[name].endswith('/samjax/jax')
+    elif name == 'sensitivity':
+      assert dict(flat[name]) == field.default
+    else:
+      assert flat[name] == field.default, name
+  assert config.job == 'toy'
+  config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize('job, field, value', [
+    ('train', 'optimizer.rho', -1.0), ('toy', 'num_steps', -1), ('toy', 'rhos', (float('nan'),)),
+    ('toy', 'data.hard_noise', -0.1), ('toy', 'methods', ('sgd', 'adamw')),
+])
+def test_one_validator_and_one_format_for_every_job(job, field, value):
+  config = (config_lib.base_toy_config() if job == 'toy' else config_lib.base_train_config())
+  *groups, key = field.split('.')
+  node = config
+  for group in groups:
+    node = node[group]
+  with node.ignore_type():
+    node[key] = value
+  with pytest.raises(ValueError, match=f'^config.{field}: ') as error:
+    config_lib.validate_config(config, num_devices=1)
+  assert '\n' not in str(error.value)
+
+
 def test_the_defaults_that_disagreed_have_one_value():
   assert config_lib.field_default('input_workers') == 4
   assert config_lib.field_default('checkpoint_every_steps') == 500

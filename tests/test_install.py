@@ -35,7 +35,8 @@ def test_base_install_has_no_tensorflow_and_runs_the_toy_job(tmp_path):
   # The toy main job (a small grid: this checks the dependencies, not the science).
   toy = run([python, '-m', 'samjax.main', f'--config={ROOT}/configs/toy.py',
              f'--workdir={tmp_path}/toy', '--config.seeds=(0,)', "--config.methods=('sgd','lsam')",
-             '--config.rhos=(1.0,)', '--config.complexities=(360.0,)', '--config.num_steps=200',
+             '--config.rhos=(1.0,)', '--config.noflip_rhos=()', '--config.complexities=(360.0,)',
+             '--config.num_steps=200',
              '--config.eval_every=100'], cwd=tmp_path, env=env)
   assert toy.returncode == 0, toy.stderr[-3000:]
   assert (tmp_path / 'toy' / 'report.md').exists() and (tmp_path / 'toy' / 'results.json').exists()

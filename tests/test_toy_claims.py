@@ -72,6 +72,14 @@ def test_no_room_is_untestable_not_a_gain():
   assert all(g['per_seed'] is None for g in gains)
 
 
+def test_one_seed_gives_no_interval_and_no_verdict():
+  one_seed = [r for r in synthetic() if r['seed'] == 0]
+  gains = {g['id']: g for g in claims.gain_claims(claims.cells(one_seed), spread=None)}
+  free = gains['fig2a-gain-constant-flip_free-360']
+  assert free['verdict'] == 'cannot tell' and free['ci95'] is None
+  assert 'fewer than 2 seeds' in free['test']
+
+
 def test_chaos_spread_makes_close_flip_verdicts_unresolved():
   cells = claims.cells(synthetic())
   (flip,) = [g for g in claims.gain_claims(cells, spread=0.2) if g['regime'] == 'flip']

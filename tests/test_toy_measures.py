@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from samjax import config as config_lib
 from samjax.toy import claims
 from samjax.toy import metrics as toy_metrics
 from samjax.toy import plots
@@ -215,7 +216,7 @@ def test_fitting_values_and_unflipped_radii():
 
 def test_sensitivity_variants_move_one_knob_at_a_time():
   config = get_config('sensitivity')
-  study.validate(config)
+  config_lib.validate_config(config)
   names = [name for name, _ in study.variants(config)]
   assert names[0] == 'default' and len(names) == len(set(names))
   default = dict(study.variants(config))['default']
@@ -229,15 +230,15 @@ def test_sensitivity_variants_move_one_knob_at_a_time():
 
 
 @pytest.mark.parametrize('knob,value,message', [
-    ('bogus', (1.0,), r'^sensitivity: unknown knob'),
-    ('learning_rate', (0.0,), r'^sensitivity.learning_rate: must be > 0'),
-    ('easy_margin', (1.0,), r'^sensitivity.easy_margin: must be < 1'),
+    ('bogus', (1.0,), r'^config.sensitivity.bogus: unknown knob'),
+    ('learning_rate', (0.0,), r'^config.sensitivity.learning_rate: must be in \(0.0, \), got 0.0'),
+    ('easy_margin', (1.0,), r'^config.sensitivity.easy_margin: must be in \[0.0, 1.0\), got 1.0'),
 ])
 def test_bad_sensitivity_knob(knob, value, message):
   config = get_config('sensitivity')
   config.sensitivity[knob] = value
   with pytest.raises(ValueError, match=message):
-    study.validate(config)
+    config_lib.validate_config(config)
 
 
 def test_compilation_cache_is_written_and_read(tmp_path):

@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from samjax import config as config_lib
 from samjax.config import load_config_file
 from samjax.toy import study
 from samjax.toy import train as toy_train
@@ -50,7 +51,7 @@ def tiny_config():
 def test_configs_are_valid(arg):
   config = get_config(arg)
   assert config.job == 'toy'
-  study.validate(config)
+  config_lib.validate_config(config)
   rows = study.build_rows(config)
   assert rows and len(set(rows)) == len(rows)
 
@@ -75,34 +76,41 @@ def test_unknown_config_argument():
 
 
 def _with(config, field, value):
-  node, *path = field.split('.')
-  if path:
-    config[node][path[0]] = value
-  else:
-    config[node] = value
+  """``config`` with ``field`` set to ``value``, whatever its type (as a config file may)."""
+  *groups, key = field.split('.')
+  node = config
+  for group in groups:
+    node = node[group]
+  with node.ignore_type():
+    node[key] = value
   return config
 
 
 @pytest.mark.parametrize('field,value,message', [
-    ('methods', ('sgd', 'adam'), r"^methods: unknown method 'adam'"),
-    ('methods', (), r'^methods: the sweep is empty'),
-    ('rhos', (0.5, -0.1), r'^rhos: must be >= 0'),
-    ('sam_rhos', (-1.0,), r'^sam_rhos: must be >= 0'),
-    ('batch_size', 301, r'^batch_size: 301 is larger than the training set'),
-    ('batch_sizes', (5, 500), r'^batch_sizes: 500 is larger than the training set'),
-    ('seeds', (), r'^seeds: the sweep is empty'),
-    ('complexities', (), r'^complexities: the sweep is empty'),
-    ('fixed_ratios', (), r'^fixed_ratios: the sweep is empty'),
-    ('fixed_ratios', (0.0,), r'^fixed_ratios: must be > 0'),
-    ('eval_every', 7, r'^eval_every: 7 does not divide num_steps'),
-    ('learning_rate', 0.0, r'^learning_rate: must be > 0'),
-    ('noise.dropout', (1.0,), r'^noise.dropout: must be < 1'),
-    ('data.easy_margin', 1.5, r'^data.easy_margin: must be < 1'),
-    ('intervention_norm', 'fixed', r'^intervention_norm: expected one of'),
-    ('sensitivity_steps', (250,), r'^sensitivity_steps: 250 is not a multiple'),
-    ('heads', ('constant', 'kaiming'), r"^heads: unknown head 'kaiming'"),
-    ('rho_unit', 'meters', r'^rho_unit: expected one of'),
-    ('noflip_rhos', (7.0,), r'^noflip_rhos: 7.0 is not one of rhos'),
+    ('methods', ('sgd', 'adam'), r"^config.methods: 'adam' is not one of sgd, "),
+    ('methods', (), r'^config.methods: the sweep is empty'),
+    ('methods', ('sgd', 'sgd'), r"^config.methods: duplicate values in \('sgd', 'sgd'\)"),
+    ('rhos', (0.5, -0.1), r'^config.rhos: must be in \[0.0, \), got -0.1'),
+    ('sam_rhos', (-1.0,), r'^config.sam_rhos: must be in \[0.0, \), got -1.0'),
+    ('batch_size', 301, r'^config.batch_size: 301 is larger than the training set'),
+    ('batch_sizes', (5, 500), r'^config.batch_sizes: 500 is larger than the training set'),
+    ('seeds', (), r'^config.seeds: the sweep is empty'),
+    ('complexities', (), r'^config.complexities: the sweep is empty'),
+    ('fixed_ratios', (), r'^config.fixed_ratios: the sweep is empty'),
+    ('fixed_ratios', (0.0,), r'^config.fixed_ratios: must be in \(0.0, \), got 0.0'),
+    ('eval_every', 7, r'^config.eval_every: 7 does not divide num_steps'),
+    ('learning_rate', 0.0, r'^config.learning_rate: must be in \(0.0, \), got 0.0'),
+    ('noise.dropout', (1.0,), r'^config.noise.dropout: must be in \[0.0, 1.0\), got 1.0'),
+    ('data.easy_margin', 1.5, r'^config.data.easy_margin: must be in \[0.0, 1.0\), got 1.5'),
+    ('intervention_norm', 'fixed', r"^config.intervention_norm: 'fixed' is not one of initial, "),
+    ('sensitivity_steps', (250,), r'^config.sensitivity_steps: 250 is not a multiple'),
+    ('heads', ('constant', 'kaiming'), r"^config.heads: 'kaiming' is not one of constant, "),
+    ('rho_unit', 'meters', r"^config.rho_unit: 'meters' is not one of absolute, "),
+    ('noflip_rhos', (7.0,), r'^config.noflip_rhos: 7.0 is not one of rhos'),
+    ('num_steps', -1, r'^config.num_steps: must be in \[1, 2\^31-1\], got -1'),
+    ('hidden', 2.5, r'^config.hidden: must be an integer, got 2.5'),
+    ('head_random', 1, r'^config.head_random: must be true or false, got 1'),
+    ('noise.hard_only', (), r'^config.noise.hard_only: the sweep is empty'),
 ])
 def test_bad_config_raises_before_compiling(monkeypatch, tmp_path, field, value, message):
   def no_compiling(*args, **kwargs):
@@ -120,8 +128,27 @@ def test_bad_config_raises_before_compiling(monkeypatch, tmp_path, field, value,
 def test_missing_field_is_named():
   config = get_config()
   del config['rhos']
-  with pytest.raises(ValueError, match=r'^rhos: missing'):
-    study.validate(config)
+  with pytest.raises(ValueError, match=r'^config.rhos: missing; start the config from '
+                     r'samjax.config.base_toy_config\(\)'):
+    config_lib.validate_config(config)
+
+
+def test_unknown_field_is_refused():
+  config = get_config()
+  config.noise.droput = (0.1,)
+  with pytest.raises(ValueError, match=r'^config.noise.droput: unknown field; allowed fields '
+                     r'here: dropout, gaussian_noise, hard_only, label_noise\.$'):
+    config_lib.validate_config(config)
+
+
+def test_toy_config_starts_from_the_schema():
+  """configs/toy.py's main study is the schema's defaults, and every study sets only fields of
+  the schema (what validate_config checks: no field added beside it)."""
+  config = get_config()
+  base = config_lib.base_toy_config()
+  assert config.to_dict() == base.to_dict()
+  for arg in ('noise', 'batch_size', 'sensitivity'):
+    assert set(get_config(arg).keys()) == set(base.keys())
 
 
 def test_rows_are_the_product_of_the_sweep():

@@ -25,6 +25,7 @@ import jax
 from experiments.bench import timing
 from experiments import ROOT, load_config
 from experiments.bench.sizes import Size
+from samjax import config as config_lib
 
 
 def toy_config(size: Size):
@@ -88,7 +89,7 @@ def sweep_comparison(size: Size) -> dict[str, Any]:
   from samjax.toy import study as toy_study  # pylint: disable=g-import-not-at-top
   from samjax.toy import train as toy_train  # pylint: disable=g-import-not-at-top
   config = toy_config(size)
-  toy_study.validate(config)
+  config_lib.validate_config(config)
   rows = toy_study.build_rows(config)
   if size.toy_runs:
     rows = rows[:size.toy_runs]

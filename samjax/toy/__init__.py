@@ -1,8 +1,14 @@
 """The toy study of Springer et al. (2024): easy linear + hard spiral feature, SGD vs LSAM.
 
-``samjax.toy.study.run(config, workdir)`` runs a whole study (see ``configs/toy.py``).
+``samjax.toy.run(config, workdir)`` runs a whole study (see ``configs/toy.py``).
 """
 
-from samjax.toy.study import run, validate
 
-__all__ = ['run', 'validate']
+def run(config, workdir: str) -> dict:
+  """:func:`samjax.toy.study.run`. Imported on call: the schema (``samjax.config``) reads the
+  toy's method names from :mod:`samjax.toy.train`, and the study imports the schema."""
+  from samjax.toy import study  # pylint: disable=g-import-not-at-top
+  return study.run(config, workdir)
+
+
+__all__ = ['run']

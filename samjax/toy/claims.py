@@ -89,6 +89,12 @@ def paired_difference(first: Sequence[dict], second: Sequence[dict], field: str,
   return stats.paired([a[s] - b[s] for s in seeds], direction)
 
 
+def too_few_seeds(id_: str, figure: str, regime: str, head: str, what: str) -> dict:
+  """The claim of a comparison that has fewer than two seeds with values: no interval."""
+  return claim(id_, figure, regime, head, CANNOT_TELL,
+               f'{what}: fewer than 2 seeds with values, so no interval')
+
+
 def _ci(ci) -> str:
   return 'n/a' if ci is None else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'
 
@@ -222,6 +228,10 @@ def gain_claims(all_cells: Sequence[Cell], spread: Optional[float]) -> list[dict
         continue
       rho, lsam = best({r: cell.lsam[r] for r in radii})
       result = paired_difference(cell.sgd, lsam, 'hard_probe_error', 'greater')
+      if result is None:
+        out.append(too_few_seeds(id_, '2A', regime, cell.head,
+                                 f'{cell.complexity:g} deg: SGD - LSAM hard-probe test error'))
+        continue
       verdict = result['verdict']
       if regime == 'flip':
         verdict = unresolved(verdict, result, spread)
@@ -488,6 +498,9 @@ def intervention_claims(runs: Sequence[dict], heads: Sequence[str]) -> list[dict
         fitting = {k: v for k, v in ratios.items() if _fits(v)} or ratios
         ratio, chosen = best(fitting)
         result = paired_difference(sgd, chosen, 'hard_probe_error', 'greater')
+        if result is None:
+          out.append(too_few_seeds(id_, '6', 'all', head, f'{names[method]} at {c:g} deg'))
+          continue
         out.append(claim(id_, '6', 'all', head, result['verdict'],
                          f'{names[method]} at {c:g} deg, c = {ratio:g} chosen on validation; '
                          f'SGD - intervention hard-probe test error, claimed > 0', result))
@@ -533,6 +546,10 @@ def eq10_claims(gains: Sequence[dict], runs: Sequence[dict],
                        'seed; no v^ with c > 0 reproduces it'))
       continue
     result = paired_difference(both, lsam, 'hard_probe_error', 'less')
+    if result is None:
+      out.append(too_few_seeds(id_, '6', g['regime'], g['head'],
+                               f'{g["complexity"]:g} deg: Eq. 10 - LSAM hard-probe test error'))
+      continue
     lo, hi = result['ci95']
     verdict = (HELD if -MATCH_MARGIN <= lo and hi <= MATCH_MARGIN
                else NOT_HELD if lo > MATCH_MARGIN or hi < -MATCH_MARGIN else CANNOT_TELL)

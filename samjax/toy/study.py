@@ -3,8 +3,9 @@
 ``run(config, workdir)`` trains every run the config asks for and writes
 ``results.json``, the figures and ``report.md`` into ``workdir``:
 
-1. :func:`validate` rejects a bad config with a one-line ``ValueError`` before
-   anything is compiled.
+1. :func:`samjax.config.validate_config` (the toy's fields, ranges and rules are declared in
+   ``samjax/config.py``) rejects a bad config with a one-line ``ValueError`` before anything
+   is compiled.
 2. :func:`build_rows` expands the config into a flat list of runs
    (:class:`RunRow`): method x radius or fixed ratio x complexity x noise
    setting x batch size x seed.
@@ -26,7 +27,6 @@ import concurrent.futures
 import dataclasses
 import json
 import math
-import numbers
 import os
 import threading
 import time
@@ -38,6 +38,7 @@ import numpy as np
 from etils import epath
 from tqdm.auto import tqdm
 
+from samjax import config as config_lib
 from samjax import diagnostics
 from samjax.io_utils import atomic_write_text, is_local
 from samjax.toy import data as toy_data
@@ -46,11 +47,6 @@ from samjax.toy import train as toy_train
 
 METHODS = toy_train.METHODS
 INTERVENTIONS = tuple(toy_train.INTERVENTIONS)
-# 'constant': v_0 = head_init (1, 1); 'random': signed uniform +-head_init/sqrt(2) per
-# coordinate (PyTorch's nn.Linear init at head_init = 1).
-HEADS = ('constant', 'random')
-# 'absolute': rho as given; 'initial_head': rho in units of the run's ||v_0||.
-RHO_UNITS = ('absolute', 'initial_head')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,143 +90,7 @@ class RunRow:
     return toy_train.PROGRAMS[self.method]
 
 
-# ----------------------------------------------------------------------------- validation
-
-def _tuple(value) -> tuple:
-  """A config sequence as a tuple; a scalar (or a string) is a one-element tuple."""
-  return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-
-
-def _fail(field: str, message: str):
-  raise ValueError(f'{field}: {message}')
-
-
-def _field(config, dotted: str):
-  """``config['a']['b']`` for ``'a.b'``; a missing field is a ValueError naming it."""
-  value = config
-  for part in dotted.split('.'):
-    try:
-      value = value[part]
-    except (KeyError, AttributeError, TypeError):
-      _fail(dotted, 'missing from the config (see configs/toy.py)')
-  return value
-
-
-def _numbers(config, name: str, *, minimum: Optional[float] = None, strict: bool = False,
-             below: Optional[float] = None, integer: bool = False,
-             allow_empty: bool = True) -> tuple:
-  """Field ``name`` as a tuple of numbers in range (a scalar is a one-element tuple).
-
-  ``minimum`` is inclusive unless ``strict``; ``below`` is an exclusive upper bound.
-  """
-  values = _tuple(_field(config, name))
-  if not values and not allow_empty:
-    _fail(name, 'the sweep is empty; give at least one value')
-  kind, noun = (numbers.Integral, 'integers') if integer else (numbers.Real, 'numbers')
-  for v in values:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, kind) or not math.isfinite(v):
-      _fail(name, f'expected finite {noun}, got {v!r}')
-    if minimum is not None and (v <= minimum if strict else v < minimum):
-      _fail(name, f'must be {">" if strict else ">="} {minimum}, got {v!r}')
-    if below is not None and v >= below:
-      _fail(name, f'must be < {below}, got {v!r}')
-  return values
-
-
-# Range of each knob the sensitivity study (and the main config) can set.
-SENSITIVITY_RANGES = {
-    'easy_scale': dict(minimum=0, strict=True),
-    'hard_scale': dict(minimum=0, strict=True),
-    'easy_margin': dict(minimum=0, below=1),       # latents end at 1
-    'hard_min_radius': dict(minimum=0, below=1),
-    'hard_noise': dict(minimum=0),
-    'learning_rate': dict(minimum=0, strict=True),
-    # The ratio diagnostics and v^ assume a positive head.
-    'head_init': dict(minimum=0, strict=True),
-    'head_random': {},
-}
-
-
-def _bool(config, name: str) -> bool:
-  value = _field(config, name)
-  if not isinstance(value, (bool, np.bool_)):
-    _fail(name, f'expected True or False, got {value!r}')
-  return bool(value)
-
-
-def validate(config) -> None:
-  """Raises ``ValueError('<field>: <why>')`` for the first bad field; compiles nothing."""
-  methods = _tuple(_field(config, 'methods'))
-  if not methods:
-    _fail('methods', f'the sweep is empty; choose from {", ".join(METHODS)}')
-  for m in methods:
-    if m not in METHODS:
-      _fail('methods', f'unknown method {m!r}; choose from {", ".join(METHODS)}')
-  if len(set(methods)) != len(methods):
-    _fail('methods', f'duplicate methods in {methods}')
-  _numbers(config, 'seed', integer=True, minimum=0)
-  seeds = _numbers(config, 'seeds', integer=True, minimum=0, allow_empty=False)
-  if len(set(seeds)) != len(seeds):
-    _fail('seeds', f'duplicate seeds in {seeds}')
-  _numbers(config, 'complexities', minimum=0, allow_empty=False)
-  _numbers(config, 'rhos', minimum=0, allow_empty='lsam' not in methods)
-  _numbers(config, 'sam_rhos', minimum=0, allow_empty='sam' not in methods)
-  uses_interventions = any(m in INTERVENTIONS for m in methods)
-  _numbers(config, 'fixed_ratios', minimum=0, strict=True, allow_empty=not uses_interventions)
-  _numbers(config, 'intervention_complexities', minimum=0)
-  (num_train,) = _numbers(config, 'num_train', integer=True, minimum=2)
-  for name in ('batch_size', 'batch_sizes'):
-    for b in _numbers(config, name, integer=True, minimum=1):
-      if b > num_train:
-        _fail(name, f'{b} is larger than the training set (num_train={num_train})')
-  _numbers(config, 'learning_rate', minimum=0, strict=True)
-  (num_steps,) = _numbers(config, 'num_steps', integer=True, minimum=1)
-  (eval_every,) = _numbers(config, 'eval_every', integer=True, minimum=1)
-  if num_steps % eval_every:
-    _fail('eval_every', f'{eval_every} does not divide num_steps={num_steps}')
-  _numbers(config, 'hidden', integer=True, minimum=1)
-  _numbers(config, 'head_init', **SENSITIVITY_RANGES['head_init'])
-  _numbers(config, 'num_probe', integer=True, minimum=2)
-  if _field(config, 'figure_complexity') is not None:  # None: where LSAM gains most
-    _numbers(config, 'figure_complexity', minimum=0)
-  _bool(config, 'head_random')
-  heads = _tuple(_field(config, 'heads'))
-  for head in heads:
-    if head not in HEADS:
-      _fail('heads', f'unknown head {head!r}; choose from {", ".join(HEADS)}')
-  if len(set(heads)) != len(heads):
-    _fail('heads', f'duplicate heads in {heads}')
-  if _field(config, 'rho_unit') not in RHO_UNITS:
-    _fail('rho_unit', f'expected one of {RHO_UNITS}, got {config.rho_unit!r}')
-  for r in _numbers(config, 'noflip_rhos', minimum=0):
-    if r not in _tuple(config.rhos):
-      _fail('noflip_rhos', f'{r!r} is not one of rhos={tuple(config.rhos)}')
-  _numbers(config, 'curve_probe', integer=True, minimum=2)
-  if _field(config, 'intervention_norm') not in toy_train.INTERVENTION_NORMS:
-    _fail('intervention_norm', f'expected one of {toy_train.INTERVENTION_NORMS}, got '
-          f'{config.intervention_norm!r}')
-  if not isinstance(_field(config, 'compilation_cache_dir'), str):
-    _fail('compilation_cache_dir', 'expected a directory path, or \'\' for no cache')
-  for name in ('easy_scale', 'hard_scale', 'easy_margin', 'hard_min_radius', 'hard_noise'):
-    _numbers(config, f'data.{name}', **SENSITIVITY_RANGES[name])
-  for name, values in _field(config, 'sensitivity').items():
-    if name not in SENSITIVITY_RANGES:
-      _fail('sensitivity', f'unknown knob {name!r}; choose from {", ".join(SENSITIVITY_RANGES)}')
-    if name == 'head_random':
-      if any(not isinstance(v, (bool, np.bool_)) for v in _tuple(values)):
-        _fail('sensitivity.head_random', f'expected bools, got {values!r}')
-      continue
-    _numbers(config, f'sensitivity.{name}', **SENSITIVITY_RANGES[name])
-  for n in _numbers(config, 'sensitivity_steps', integer=True, minimum=1):
-    if n > num_steps or n % eval_every:
-      _fail('sensitivity_steps', f'{n} is not a multiple of eval_every={eval_every} up to '
-            f'num_steps={num_steps}')
-  _numbers(config, 'noise.label_noise', minimum=0, below=1 + 1e-12)
-  _numbers(config, 'noise.gaussian_noise', minimum=0)
-  _numbers(config, 'noise.dropout', minimum=0, below=1)  # 1 would drop every feature
-  hard_only = _tuple(_field(config, 'noise.hard_only'))
-  if not hard_only or any(not isinstance(h, (bool, np.bool_)) for h in hard_only):
-    _fail('noise.hard_only', f'expected a non-empty tuple of bools, got {hard_only!r}')
+_tuple = config_lib.as_tuple
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -669,7 +529,7 @@ def run(config, workdir: str) -> dict:
     ``{'results': path, 'report': path, 'figures': [paths], 'num_runs': int,
     'wall_time_s': float}``.
   """
-  validate(config)
+  config_lib.validate_config(config)
   from samjax.toy import plots, report  # matplotlib only once the config is valid
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a URL (gs://)

@@ -46,7 +46,7 @@ from samjax import data as data_lib
 from samjax.data import input as input_lib
 from samjax import models
 from samjax.cli import first_line
-from samjax.config import validate_train_config
+from samjax.config import validate_config
 from samjax.io_utils import atomic_write_json
 from samjax.train import checkpoint as checkpoint_lib
 from samjax.train import evaluate as evaluate_lib
@@ -373,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, held: list) -> dict:
-  validate_train_config(config, num_devices=jax.device_count())
+  validate_config(config, num_devices=jax.device_count())
   workdir_path = workdir_lib.check_usable(workdir)
   lock = workdir_lib.WorkdirLock(workdir_path)
   _on_lead(lock.check)  # before anything is read or written: a second run leaves no trace
