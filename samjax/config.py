@@ -526,7 +526,8 @@ def _check_toy_rules(config) -> None:
   rhos = as_tuple(config.rhos)
   for r in as_tuple(config.noflip_rhos):
     if r not in rhos:
-      _fail('noflip_rhos', f'{r!r} is not one of rhos={rhos}.')
+      _fail('noflip_rhos', f'{r!r} is not one of rhos={rhos}; set noflip_rhos to a subset of '
+            'rhos, or to () (every radius of rhos).')
   for knob, values in config.sensitivity.items():
     if knob not in TOY_SENSITIVITY_KNOBS:
       _fail(f'sensitivity.{knob}', f'unknown knob; choose from '

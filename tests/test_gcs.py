@@ -125,7 +125,7 @@ def test_the_workdir_lock_on_gcs(emulator):
 
 def test_the_toy_study_writes_to_a_gs_workdir(emulator):
   proc = start(['--config=configs/toy.py', '--workdir=gs://bucket/toy', '--config.seeds=(0,)',
-                "--config.methods=('sgd','lsam')", '--config.rhos=(1.0,)',
+                "--config.methods=('sgd','lsam')", '--config.rhos=(1.0,)', '--config.noflip_rhos=()',
                 '--config.complexities=(360.0,)', '--config.num_steps=200',
                 '--config.eval_every=100'], env_with(emulator.env))
   _, err = proc.communicate(timeout=600)

@@ -80,10 +80,11 @@ SIZES = {
         step_models=(CONVNET_TINY,),
         scaling_model=CONVNET_TINY, device_counts=(1, 2, 4, 8),
         toy_overrides=(('methods', ('lsam',)), ('seeds', (0, 1)), ('rhos', (1.0, 2.0)),
-                       ('complexities', (360.0,))),
+                       ('noflip_rhos', ()), ('complexities', (360.0,))),
         toy_runs=0, toy_steps=20, toy_chunk=10, toy_reps=1,
         # The main job on a 4-run, 20-step sweep: the same code path as the real one in seconds.
         toy_main_overrides=(('methods', "('lsam',)"), ('seeds', '(0,)'), ('rhos', '(1.0,)'),
+                            ('noflip_rhos', '()'),
                             ('complexities', '(360.0, 540.0)'), ('num_steps', '20'),
                             ('eval_every', '10'), ('num_probe', '200')),
         grid_points=2, grid_steps=3,
