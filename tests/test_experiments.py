@@ -157,8 +157,7 @@ def test_embedded_study_tiny_in_two_shards_pairs_seeds_at_equal_lr(tmp_path):
 
 def test_embedded_study_paper_budget_end_to_end_at_a_tiny_size(tmp_path):
   """The paper's net (width 32) and recipe, shrunk to 2 steps, 3 seeds, one lr and one rho."""
-  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-  import embedded  # pylint: disable=g-import-not-at-top
+  from experiments import embedded  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'paper')
   summary = embedded.run_study(out, budget='paper', num_seeds=3, data_dir=str(tmp_path / 'tfds'),
                                log=lambda *_: None, num_steps=2, learning_rates=[0.05],
