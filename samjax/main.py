@@ -163,6 +163,10 @@ def main(argv) -> None:
     except training_fault as e:  # pylint: disable=catching-non-exception
       print(f'samjax: training stopped: {e}{_continue_from(e, config)}', file=sys.stderr)
       cli.exit_now(cli.TRAINING_FAULT)
+  # Everything is written. Python's shutdown gives a handled SIGTERM back its default action, so
+  # a SIGTERM during the teardown would turn a finished run into a killed one; ignored, it
+  # leaves the exit code that says what happened.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   if isinstance(result, dict) and 'preempted_at_step' in result:
     print(f'samjax: preempted at step {result["preempted_at_step"]} (checkpointed); rerun the '
           'same command to resume.', file=sys.stderr)
